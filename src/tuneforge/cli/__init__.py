@@ -1,0 +1,1 @@
+"""CLI stage: parse arguments, call the library, print. Nothing imports this package."""

@@ -1,0 +1,69 @@
+"""The `tuneforge` command: one verb per module in this package.
+
+    tuneforge train examples/quickstart.yaml train.max_steps=50
+    tuneforge generate runs/quickstart --prompt "Write forty two in digits."
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from tuneforge import __version__
+from tuneforge.cli import generate, train
+from tuneforge.errors import TuneforgeError
+
+# verb -> module with `add_arguments(parser)` and `run(args) -> int`; the modules call the library.
+VERBS = {"train": train, "generate": generate}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tuneforge",
+        description="Fine-tune language models from one YAML file.",
+        epilog="example:\n  tuneforge train examples/quickstart.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"tuneforge {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
+    subparsers = parser.add_subparsers(dest="verb", metavar="VERB")
+    for name, module in VERBS.items():
+        sub = subparsers.add_parser(
+            name,
+            help=module.HELP,
+            description=module.HELP,
+            epilog=f"example:\n  {module.EXAMPLE}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sub.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
+        module.add_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 2
+    if not args.debug:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        logging.basicConfig(level=logging.WARNING)
+    else:
+        logging.basicConfig(level=logging.INFO)
+    try:
+        return VERBS[args.verb].run(args)
+    except TuneforgeError as exc:
+        if args.debug:
+            raise
+        print(f"tuneforge: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tuneforge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

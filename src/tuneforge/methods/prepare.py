@@ -1,0 +1,61 @@
+"""One entry point for every method: a loaded model in, a model ready to train out.
+
+    model, counts = prepare_model(config.method, model)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tuneforge.config.schema import FreezeMethod, FullMethod, LoraMethod
+from tuneforge.errors import MethodError
+from tuneforge.methods.freeze import apply_freeze
+from tuneforge.methods.lora import apply_lora
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    trainable: int
+    total: int
+
+    def describe(self) -> str:
+        share = 100.0 * self.trainable / max(self.total, 1)
+        return f"trainable parameters: {self.trainable:,} of {self.total:,} ({share:.4f}%)"
+
+
+def count_parameters(model: torch.nn.Module) -> ParameterCounts:
+    trainable = total = 0
+    for parameter in model.parameters():
+        total += parameter.numel()
+        if parameter.requires_grad:
+            trainable += parameter.numel()
+    return ParameterCounts(trainable, total)
+
+
+def prepare_model(
+    method: FullMethod | FreezeMethod | LoraMethod, model: torch.nn.Module
+) -> tuple[torch.nn.Module, ParameterCounts]:
+    """Apply the method and check that something will train.
+
+    Raises:
+        MethodError: the method leaves no trainable parameter.
+    """
+    if isinstance(method, FullMethod):
+        model.requires_grad_(True)
+    elif isinstance(method, FreezeMethod):
+        model = apply_freeze(method, model)
+    else:
+        model = apply_lora(method, model)
+    counts = count_parameters(model)
+    if counts.trainable == 0:
+        raise MethodError(
+            "no parameter would train",
+            where=f"method.name={method.name}",
+            hint="check the trainable/frozen patterns",
+        )
+    return model, counts
+
+
+__all__ = ["ParameterCounts", "count_parameters", "prepare_model"]

@@ -1,0 +1,149 @@
+"""Load the model and tokenizer a `model` config section names.
+
+    tokenizer = load_tokenizer(config.model)
+    model = load_model(config.model)
+
+Library errors users often hit (custom code without `trust_remote_code`, an unknown
+architecture, a missing checkpoint) are re-raised as `ModelError`s that say what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+from tuneforge.config.schema import ModelConfig
+from tuneforge.config.targets import instantiate
+from tuneforge.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_dtype(config: ModelConfig) -> torch.dtype | str:
+    """The dtype to load weights in; `auto` keeps a checkpoint's own dtype."""
+    if config.dtype != "auto":
+        return DTYPES[config.dtype]
+    if config.init == "pretrained":
+        return "auto"
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _custom_code_files(path: str) -> list[str]:
+    directory = Path(path)
+    return sorted(p.name for p in directory.glob("*.py")) if directory.is_dir() else []
+
+
+def check_remote_code(config: ModelConfig) -> None:
+    """Refuse a checkpoint that needs its own Python code unless `trust_remote_code` is set."""
+    if config.trust_remote_code:
+        return
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(config.path, revision=config.revision)
+    except OSError as exc:
+        raise ModelError(
+            f"cannot find a model config: {exc}",
+            where=f"model.path={config.path}",
+            hint="give a local directory with config.json, or a hub id (needs network or a "
+            "filled Hugging Face cache)",
+        ) from None
+    if "auto_map" in config_dict:
+        files = _custom_code_files(config.path)
+        listed = f" ({', '.join(files)})" if files else ""
+        raise ModelError(
+            f"this checkpoint needs its own Python code{listed} to build the model, "
+            "and running it is off by default",
+            where=f"model.path={config.path}",
+            hint="read that code, then set model.trust_remote_code: true "
+            "(or pass model.trust_remote_code=true)",
+        )
+
+
+def load_model_config(config: ModelConfig) -> PretrainedConfig:
+    check_remote_code(config)
+    try:
+        return AutoConfig.from_pretrained(
+            config.path,
+            revision=config.revision,
+            trust_remote_code=config.trust_remote_code,
+            **config.config_overrides,
+        )
+    except ValueError as exc:
+        raise ModelError(
+            str(exc).splitlines()[0],
+            where=f"model.path={config.path}",
+            hint="this transformers release may not know the architecture: upgrade "
+            "transformers, or set trust_remote_code for checkpoints that ship code",
+        ) from None
+
+
+def load_model(config: ModelConfig) -> torch.nn.Module:
+    """Build the causal LM: a `_target_` builder, fresh random weights, or a pretrained checkpoint."""
+    if config.builder is not None:
+        model = instantiate(config.builder, "model.builder")
+        if not isinstance(model, torch.nn.Module):
+            raise ModelError(
+                f"'{config.builder.target}' returned {type(model).__name__}, expected a torch module",
+                where="model.builder",
+            )
+        return model
+    model_config = load_model_config(config)
+    dtype = resolve_dtype(config)
+    extra: dict[str, Any] = {}
+    if config.attn_implementation is not None:
+        extra["attn_implementation"] = config.attn_implementation
+    try:
+        if config.init == "random":
+            return AutoModelForCausalLM.from_config(
+                model_config, dtype=dtype, trust_remote_code=config.trust_remote_code, **extra
+            )
+        return AutoModelForCausalLM.from_pretrained(
+            config.path,
+            config=model_config,
+            dtype=dtype,
+            revision=config.revision,
+            trust_remote_code=config.trust_remote_code,
+            **extra,
+        )
+    except (OSError, ValueError, ImportError) as exc:
+        raise ModelError(
+            str(exc).strip().splitlines()[0],
+            where=f"model.path={config.path}",
+            hint="for a config-only directory (no weights) set model.init: random",
+        ) from None
+
+
+def load_tokenizer(config: ModelConfig) -> Any:
+    """The tokenizer, with a pad token: the EOS (safe: padding is masked by position), else UNK."""
+    source = config.tokenizer or config.path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=config.revision, trust_remote_code=config.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"cannot load the tokenizer: {str(exc).strip().splitlines()[0]}",
+            where=f"model.tokenizer={source}",
+            hint="set model.tokenizer to a directory or hub id that has tokenizer files",
+        ) from None
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise ModelError(
+                "the tokenizer has no pad, eos or unk token to pad batches with",
+                where=f"model.tokenizer={source}",
+            )
+        tokenizer.pad_token = fallback
+        logger.info("tokenizer has no pad token; padding with %r (masked by position)", fallback)
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+__all__ = ["check_remote_code", "load_model", "load_model_config", "load_tokenizer", "resolve_dtype"]

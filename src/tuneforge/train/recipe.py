@@ -1,0 +1,267 @@
+"""The training recipe: config in, run directory out.
+
+    tuneforge train examples/quickstart.yaml          # CLI
+    tuneforge.train("examples/quickstart.yaml")       # Python
+
+YAML -> Config -> tokenizer + datasets -> model + method -> Trainer -> model/, metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import transformers
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from tuneforge.config.loading import dump_config, load_config
+from tuneforge.config.schema import Config, DatasetSpec, LoraMethod
+from tuneforge.config.training_args import to_training_arguments
+from tuneforge.data.build import Datasets, build_datasets
+from tuneforge.data.formats import instruction_texts
+from tuneforge.data.sources import read_rows
+from tuneforge.data.tokenize import IGNORE_INDEX
+from tuneforge.errors import ConfigError
+from tuneforge.methods.prepare import ParameterCounts, prepare_model
+from tuneforge.models.generation import generate_texts
+from tuneforge.models.loading import load_model, load_tokenizer
+from tuneforge.train.callbacks import MetricsLogger, TrainingProgress
+from tuneforge.train.run_dir import (
+    checkpoint_step,
+    find_resume_checkpoint,
+    prepare_run_dir,
+    trim_metrics,
+    write_run_metadata,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced and measured."""
+
+    run_dir: Path
+    model_dir: Path
+    global_step: int
+    train_loss: float | None
+    eval_loss_before: float | None
+    eval_loss_after: float | None
+    train_seconds: float
+    tokens_seen: int
+    parameters: ParameterCounts
+    resumed_from: str | None = None
+    samples: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens_seen / self.train_seconds if self.train_seconds > 0 else 0.0
+
+
+def _say(message: str) -> None:
+    print(f"[tuneforge] {message}", flush=True)
+
+
+def _build_training_arguments(config: Config, run_dir: Path) -> transformers.TrainingArguments:
+    try:
+        return to_training_arguments(
+            config.train,
+            str(run_dir),
+            # Count real (non-padding) tokens so throughput is honest.
+            include_num_input_tokens_seen="non_padding",
+            disable_tqdm=True,
+        )
+    except (ValueError, ImportError) as exc:
+        raise ConfigError(
+            str(exc).strip().splitlines()[0],
+            where="train",
+            hint="transformers rejected this combination of train settings",
+        ) from None
+
+
+def _attach_input_grads_for_checkpointing(model: Any, args: transformers.TrainingArguments) -> None:
+    # With frozen embeddings, checkpointed blocks see inputs without grad and nothing
+    # upstream of them trains; PEFT and freeze both need the inputs to carry grad.
+    if args.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+
+
+def _save_final(
+    config: Config, trainer: Trainer, tokenizer: Any, run_dir: Path, base_dir: Path | None
+) -> Path:
+    model_dir = run_dir / "model"
+    trainer.save_model(str(model_dir))
+    tokenizer.save_pretrained(str(model_dir))
+    first = config.data.datasets[0]
+    is_adapter = isinstance(config.method, LoraMethod)
+    base = str(base_dir) if base_dir is not None else config.model.path
+    write_run_metadata(
+        model_dir,
+        base_model=base if is_adapter else None,
+        adapter=is_adapter,
+        prompt_template=first.template_text if first.format == "instruction" else None,
+        trust_remote_code=config.model.trust_remote_code,
+    )
+    if is_adapter and config.method.merge:  # type: ignore[union-attr]
+        merged_dir = run_dir / "merged"
+        merged = trainer.model.merge_and_unload()
+        merged.save_pretrained(str(merged_dir))
+        tokenizer.save_pretrained(str(merged_dir))
+        write_run_metadata(
+            merged_dir,
+            base_model=None,
+            adapter=False,
+            prompt_template=first.template_text if first.format == "instruction" else None,
+            trust_remote_code=config.model.trust_remote_code,
+        )
+        trainer.model = merged
+        _say(f"merged weights written to {merged_dir}")
+    return model_dir
+
+
+def _show_samples(config: Config, model: Any, tokenizer: Any) -> list[dict[str, str]]:
+    samples_config = config.output.samples
+    if samples_config is None:
+        return []
+    spec: DatasetSpec = config.data.datasets[0]
+    if spec.format != "instruction":
+        return []
+    sample_spec = spec.model_copy(update={"path": samples_config.path, "source": None, "max_rows": None})
+    rows = read_rows(sample_spec, "output.samples")[: samples_config.count]
+    pairs = [instruction_texts(row, sample_spec) for row in rows]
+    outputs = generate_texts(
+        model, tokenizer, [prompt for prompt, _ in pairs], max_new_tokens=samples_config.max_new_tokens
+    )
+    samples = []
+    _say(f"generations for {len(rows)} held-out prompts from {samples_config.path}:")
+    for row, (prompt, reference), output in zip(rows, pairs, outputs):
+        question = " | ".join(str(row.fields.get(f, "")) for f in spec.prompt_fields if row.fields.get(f))
+        mark = "ok " if output.strip() == reference.strip() else "   "
+        print(f"  {mark} {question!r:<52} -> {output.strip()!r}  (reference {reference.strip()!r})")
+        samples.append({"prompt": prompt, "output": output, "reference": reference})
+    return samples
+
+
+def _log_data(datasets: Datasets) -> None:
+    for stats in datasets.stats:
+        _say(stats.describe())
+    eval_rows = len(datasets.eval) if datasets.eval is not None else 0
+    _say(f"training examples: {len(datasets.train)}, evaluation examples: {eval_rows}")
+
+
+def _check_trained_tokens(datasets: Datasets) -> None:
+    trained = sum(stats.trained_tokens for stats in datasets.stats)
+    if trained == 0:
+        raise ConfigError(
+            "no token of the training data is trained on (every label is masked)",
+            where="data",
+            hint="check response_field and the template",
+        )
+
+
+def train(
+    config: str | Path | dict[str, Any] | Config,
+    overrides: list[str] | None = None,
+    callbacks: list[TrainerCallback] | None = None,
+) -> RunResult:
+    """Fine-tune as the config says and write the run directory.
+
+    Args:
+        config: a YAML path, a dict, or a validated `Config`.
+        overrides: `section.key=value` strings applied on top.
+        callbacks: extra `TrainerCallback`s (tests and integrations).
+    """
+    config = load_config(config, overrides)
+    run_dir = prepare_run_dir(config.output)
+    resume = find_resume_checkpoint(config.output, run_dir)
+    resolved = dump_config(config)
+    (run_dir / "config.yaml").write_text(resolved, encoding="utf-8")
+    _say(f"resolved config (saved to {run_dir / 'config.yaml'}):\n{resolved}")
+
+    transformers.set_seed(config.train.seed)
+    tokenizer = load_tokenizer(config.model)
+    datasets = build_datasets(config.data, tokenizer, seed=config.train.seed)
+    _log_data(datasets)
+    _check_trained_tokens(datasets)
+
+    args = _build_training_arguments(config, run_dir)
+    model = load_model(config.model)
+    base_dir = None
+    if config.model.init == "random" and isinstance(config.method, LoraMethod):
+        # Random base weights exist nowhere else: keep them so the adapter stays usable.
+        base_dir = run_dir / "base"
+        if not base_dir.exists():
+            model.save_pretrained(str(base_dir))
+            tokenizer.save_pretrained(str(base_dir))
+    model, counts = prepare_model(config.method, model)
+    _attach_input_grads_for_checkpointing(model, args)
+    _say(f"method {config.method.name}: {counts.describe()}")
+
+    metrics_path = run_dir / "metrics.jsonl"
+    metrics_logger = MetricsLogger(metrics_path)
+    if resume is not None:
+        trim_metrics(metrics_path, checkpoint_step(resume))
+        _say(f"resuming from {resume}")
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.train,
+        eval_dataset=datasets.eval,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True),
+        processing_class=tokenizer,
+        callbacks=[metrics_logger, TrainingProgress(), *(callbacks or [])],
+    )
+    # TrainingProgress replaces transformers' bar and its printed log dicts.
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+
+    eval_before = None
+    if datasets.eval is not None and resume is None:
+        eval_before = trainer.evaluate()["eval_loss"]
+        _say(f"eval loss before training: {eval_before:.4f}")
+    started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - started
+    eval_after = trainer.evaluate()["eval_loss"] if datasets.eval is not None else None
+
+    model_dir = _save_final(config, trainer, tokenizer, run_dir, base_dir)
+    samples = _show_samples(config, trainer.model, tokenizer)
+    result = RunResult(
+        run_dir=run_dir,
+        model_dir=model_dir,
+        global_step=trainer.state.global_step,
+        train_loss=output.training_loss,
+        eval_loss_before=eval_before,
+        eval_loss_after=eval_after,
+        train_seconds=seconds,
+        tokens_seen=trainer.state.num_input_tokens_seen - metrics_logger.tokens_at_start,
+        parameters=counts,
+        resumed_from=resume,
+        samples=samples,
+    )
+    _print_summary(result)
+    return result
+
+
+def _print_summary(result: RunResult) -> None:
+    lines = [
+        f"steps: {result.global_step}"
+        + (f" (resumed from {result.resumed_from})" if result.resumed_from else ""),
+        f"time: {result.train_seconds:.1f} s, {result.tokens_seen:,} tokens, "
+        f"{result.tokens_per_second:,.0f} tokens/s",
+    ]
+    if result.train_loss is not None:
+        lines.append(f"train loss (mean): {result.train_loss:.4f}")
+    if result.eval_loss_after is not None:
+        before = f"{result.eval_loss_before:.4f} -> " if result.eval_loss_before is not None else ""
+        lines.append(f"eval loss: {before}{result.eval_loss_after:.4f}")
+    lines.append(f"model: {result.model_dir}")
+    lines.append(f"metrics: {result.run_dir / 'metrics.jsonl'}")
+    _say("run summary\n  " + "\n  ".join(lines))
+
+
+__all__ = ["RunResult", "train"]

@@ -1,0 +1,163 @@
+from pathlib import Path
+
+import pytest
+
+from tuneforge.config import load_config, parse_override
+from tuneforge.config.schema import FreezeMethod, LoraMethod
+from tuneforge.errors import ConfigError
+
+BASE = """\
+model:
+  path: some/model
+data:
+  datasets:
+    - path: train.jsonl
+      prompt_fields: [question]
+      response_field: answer
+train:
+  learning_rate: 1.0e-4
+"""
+
+
+@pytest.fixture
+def base_file(tmp_path: Path) -> Path:
+    path = tmp_path / "base.yaml"
+    path.write_text(BASE)
+    return path
+
+
+def write(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_minimal_config_gets_defaults(base_file):
+    config = load_config(base_file)
+    assert config.model.path == "some/model"
+    assert config.method.name == "full"
+    assert config.train.learning_rate == 1e-4
+    assert config.output.dir == "runs/base"  # named after the config file
+
+
+def test_unknown_key_names_file_line_and_suggests(tmp_path, base_file):
+    path = write(tmp_path, BASE + "  learnig_rate: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    text = str(info.value)
+    assert f"{path}:10" in text
+    assert "train.learnig_rate" in text
+    assert "did you mean 'learning_rate'?" in text
+
+
+def test_unknown_key_in_nested_section_lists_known_keys(tmp_path):
+    path = write(tmp_path, BASE + "method:\n  name: lora\n  rank: 8\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    text = str(info.value)
+    assert f"{path}:12 (method.rank)" in text
+    assert "did you mean 'r'?" not in text or "known keys" in text
+    assert "lora_alpha" in text  # the known keys of the LoRA section are listed
+
+
+def test_renamed_key_points_to_new_name(tmp_path):
+    path = write(tmp_path, BASE + "  evaluation_strategy: steps\n")
+    with pytest.raises(ConfigError, match=r"use train\.eval_strategy instead"):
+        load_config(path)
+
+
+def test_wrong_type_names_key_value_and_expectation(tmp_path):
+    path = write(tmp_path, BASE + "  num_train_epochs: three\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    text = str(info.value)
+    assert "train.num_train_epochs" in text
+    assert "valid number" in text
+    assert "'three'" in text
+    assert f"{path}:10" in text
+
+
+def test_invalid_choice_lists_choices(tmp_path):
+    path = write(tmp_path, BASE.replace("  path: some/model", "  path: some/model\n  dtype: bf16"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "model.dtype" in str(info.value) and "'bfloat16'" in str(info.value)
+
+
+def test_missing_required_key(tmp_path):
+    path = write(tmp_path, "data:\n  datasets: [{path: x.jsonl}]\n")
+    with pytest.raises(ConfigError, match=r"\(model\): required key is missing"):
+        load_config(path)
+
+
+def test_missing_file_says_so(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "nope.yaml")
+    assert "config file not found" in str(info.value) and "nope.yaml" in str(info.value)
+
+
+def test_yaml_syntax_error_has_line(tmp_path):
+    path = write(tmp_path, "model:\n  path: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"config\.yaml:\d+: invalid YAML"):
+        load_config(path)
+
+
+def test_duplicate_key_is_an_error(tmp_path):
+    path = write(tmp_path, BASE + "  learning_rate: 2.0e-4\n")
+    with pytest.raises(ConfigError, match=r":10: duplicate key 'learning_rate'"):
+        load_config(path)
+
+
+def test_yml_extension_and_extends(tmp_path, base_file):
+    child = write(tmp_path, "extends: base.yaml\nmethod:\n  name: lora\n  r: 4\n", "child.yml")
+    config = load_config(child)
+    assert isinstance(config.method, LoraMethod) and config.method.r == 4
+    assert config.model.path == "some/model"  # inherited
+    assert config.train.learning_rate == 1e-4
+
+
+def test_extends_cycle_is_reported(tmp_path):
+    write(tmp_path, "extends: b.yaml\n", "a.yaml")
+    write(tmp_path, "extends: a.yaml\n", "b.yaml")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_overrides_types_and_nesting(base_file):
+    config = load_config(
+        base_file,
+        [
+            "train.learning_rate=3e-4",
+            "train.num_train_epochs=2",
+            "method.name=freeze",
+            "method.trainable=[lm_head]",
+            "data.datasets.0.max_rows=5",
+            "model.trust_remote_code=true",
+        ],
+    )
+    assert config.train.learning_rate == pytest.approx(3e-4)
+    assert config.train.num_train_epochs == 2
+    assert isinstance(config.method, FreezeMethod) and config.method.trainable == ["lm_head"]
+    assert config.data.datasets[0].max_rows == 5
+    assert config.model.trust_remote_code is True
+
+
+def test_bad_override_is_located_on_the_command_line(base_file):
+    with pytest.raises(ConfigError, match=r"command line override 'train\.warmup_stepz=3'"):
+        load_config(base_file, ["train.warmup_stepz=3"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("no_equals_sign")
+    with pytest.raises(ConfigError, match="not an existing list item"):
+        load_config(base_file, ["data.datasets.3.path=x"])
+
+
+def test_freeze_needs_patterns(tmp_path):
+    path = write(tmp_path, BASE + "method:\n  name: freeze\n")
+    with pytest.raises(ConfigError, match="needs 'trainable' and/or 'frozen'"):
+        load_config(path)
+
+
+def test_dataset_needs_exactly_one_source(tmp_path):
+    path = write(tmp_path, "model: {path: m}\ndata:\n  datasets:\n    - format: text\n")
+    with pytest.raises(ConfigError, match="exactly one of 'path'"):
+        load_config(path)

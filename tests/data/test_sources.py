@@ -1,0 +1,86 @@
+import json
+
+import pytest
+
+from tuneforge.config.schema import DataConfig, DatasetSpec
+from tuneforge.data import build_datasets, read_file, read_rows
+from tuneforge.errors import DataError
+from tests.conftest import successor_rows, write_jsonl
+
+
+def test_json_array_jsonl_and_json_lines_named_json(tmp_path):
+    rows = [{"text": "a"}, {"text": "b"}]
+    (tmp_path / "array.json").write_text(json.dumps(rows))
+    write_jsonl(tmp_path / "lines.jsonl", rows)
+    write_jsonl(tmp_path / "lines.json", rows)  # JGLUE ships JSON lines named .json
+    for name in ("array.json", "lines.jsonl", "lines.json"):
+        assert [r.fields for r in read_file(tmp_path / name)] == rows
+
+
+def test_directory_and_glob_sources(tmp_path):
+    write_jsonl(tmp_path / "partition_1.json", [{"text": "one"}])
+    write_jsonl(tmp_path / "partition_2.json", [{"text": "two"}])
+    by_glob = read_rows(DatasetSpec(path=str(tmp_path / "partition_*.json"), format="text"), "k")
+    by_dir = read_rows(DatasetSpec(path=str(tmp_path), format="text"), "k")
+    assert [r.fields["text"] for r in by_glob] == ["one", "two"] == [r.fields["text"] for r in by_dir]
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": "broken"\n')
+    with pytest.raises(DataError) as info:
+        read_file(path)
+    assert f"{path}:2" in str(info.value) and "malformed JSON" in str(info.value)
+
+
+def test_missing_field_names_field_row_and_found_fields(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}])
+    config = DataConfig(datasets=[DatasetSpec(path=str(path))])  # defaults expect instruction/output
+    with pytest.raises(DataError) as info:
+        build_datasets(config, tokenizer, seed=0)
+    text = str(info.value)
+    assert f"{path}:1" in text
+    assert "missing field 'instruction'" in text
+    assert "answer, question" in text
+
+
+def test_bad_encoding_is_reported(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1\.jsonl:1: not valid UTF-8"):
+        read_file(path)
+
+
+def test_missing_file_is_reported(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        read_rows(DatasetSpec(path=str(tmp_path / "nope.jsonl")), "k")
+
+
+def test_eval_split_is_seeded_and_disjoint(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "qa.jsonl", successor_rows(50))
+    spec = DatasetSpec(path=str(path), prompt_fields=["question"], response_field="answer")
+    config = DataConfig(datasets=[spec], eval_split=0.2, max_length=64)
+    first = build_datasets(config, tokenizer, seed=1)
+    again = build_datasets(config, tokenizer, seed=1)
+    other = build_datasets(config, tokenizer, seed=2)
+    assert len(first.eval) == 10 and len(first.train) == 40
+    assert first.eval["input_ids"] == again.eval["input_ids"]
+    assert first.eval["input_ids"] != other.eval["input_ids"]
+    train_set = {tuple(x) for x in first.train["input_ids"]}
+    assert not any(tuple(x) in train_set for x in first.eval["input_ids"])
+
+
+def test_all_rows_dropped_is_an_error(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "a very long question " * 20, "answer": "x"}])
+    spec = DatasetSpec(path=str(path), prompt_fields=["question"], response_field="answer")
+    with pytest.raises(DataError, match="no usable examples"):
+        build_datasets(DataConfig(datasets=[spec], max_length=16), tokenizer, seed=0)
+
+
+def test_title_and_content_text_format(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "news.jsonl", [{"title": "标题", "content": "内容"}])
+    spec = DatasetSpec(path=str(path), format="text", text_fields=["title", "content"])
+    data = build_datasets(DataConfig(datasets=[spec], max_length=64), tokenizer, seed=0)
+    ids = data.train["input_ids"][0]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "标题\n内容"
+    assert data.train["labels"][0] == ids

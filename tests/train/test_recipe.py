@@ -1,0 +1,94 @@
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from tuneforge.errors import ConfigError
+from tuneforge.infer import generate, load_for_inference
+from tuneforge.train import train
+from tests.conftest import successor_rows, write_jsonl
+
+
+def config(tmp_path, model_dir, rows=80, **train_args) -> dict:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data = write_jsonl(tmp_path / "train.jsonl", successor_rows(rows))
+    settings = {"learning_rate": 3e-3, "per_device_train_batch_size": 16, "save_strategy": "no", "use_cpu": True}
+    settings.update(train_args)
+    return {
+        "model": {"path": str(model_dir)},
+        "data": {
+            "datasets": [{"path": str(data), "prompt_fields": ["question"], "response_field": "answer"}],
+            "eval_split": 0.2,
+            "max_length": 32,
+        },
+        "train": settings,
+        "output": {"dir": str(tmp_path / "run")},
+    }
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_full_finetuning_lowers_eval_loss_and_writes_the_run(tmp_path, tiny_model_dir):
+    result = train(config(tmp_path, tiny_model_dir, max_steps=60, logging_steps=10))
+    assert result.eval_loss_after < 0.5 * result.eval_loss_before
+    run = result.run_dir
+    assert (run / "config.yaml").exists() and (run / "model" / "model.safetensors").exists()
+    assert (run / "model" / "tokenizer.json").exists()
+    metrics = read_metrics(run)
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert all(m["tokens_per_second"] > 0 for m in metrics if "loss" in m)
+    assert result.tokens_seen > 0
+    # The saved run generates with the training template and reloads through plain HF.
+    loaded = load_for_inference(str(run))
+    assert loaded.prompt_template == "### Question:\n{prompt}\n\n### Answer:\n"
+    assert isinstance(generate(loaded, ["after 3"], max_new_tokens=4)[0], str)
+    AutoModelForCausalLM.from_pretrained(str(run / "model"))
+
+
+class CrashAt(TrainerCallback):
+    """Simulates a crash after the given step (after that step's checkpoint, if any)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def test_resume_auto_continues_at_the_right_step_with_the_same_losses(tmp_path, tiny_model_dir):
+    straight = train(config(tmp_path / "a", tiny_model_dir, max_steps=6, logging_steps=1))
+    uninterrupted = [m["loss"] for m in read_metrics(straight.run_dir) if "loss" in m]
+
+    settings = config(tmp_path / "b", tiny_model_dir, max_steps=6, logging_steps=1, save_strategy="steps", save_steps=2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(settings, callbacks=[CrashAt(5)])
+    with pytest.raises(ConfigError, match="already holds files"):
+        train(settings)  # resume: never is the default: no silent restart
+    resumed = train(settings, overrides=["output.resume=auto"])
+    assert resumed.resumed_from.endswith("checkpoint-4")
+    assert resumed.global_step == 6
+    metrics = read_metrics(resumed.run_dir)
+    steps = [m["step"] for m in metrics if "loss" in m]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the crashed step-5 log line is not kept twice
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert losses == pytest.approx(uninterrupted, rel=1e-5)
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_run(tmp_path, tiny_model_dir):
+    settings = config(tmp_path, tiny_model_dir, max_steps=1)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "precious.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not a tuneforge run"):
+        train(settings, overrides=["output.overwrite=true"])
+    assert (tmp_path / "run" / "precious.txt").exists()
+
+
+def test_invalid_training_argument_combination_is_a_config_error(tmp_path, tiny_model_dir):
+    settings = config(tmp_path, tiny_model_dir, max_steps=1, load_best_model_at_end=True, eval_strategy="steps", save_strategy="epoch")
+    with pytest.raises(ConfigError) as info:
+        train(settings)
+    assert "train" in str(info.value)
