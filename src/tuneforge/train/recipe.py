@@ -8,12 +8,13 @@ YAML -> Config -> tokenizer + datasets -> model + method -> Trainer -> model/, m
 
 from __future__ import annotations
 
-import logging
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import transformers
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -38,7 +39,6 @@ from tuneforge.train.run_dir import (
     write_run_metadata,
 )
 
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,6 +55,7 @@ class RunResult:
     tokens_seen: int
     parameters: ParameterCounts
     resumed_from: str | None = None
+    peak_gpu_memory_gib: float | None = None
     samples: list[dict[str, str]] = field(default_factory=list)
 
     @property
@@ -223,9 +224,12 @@ def train(
     if datasets.eval is not None and resume is None:
         eval_before = trainer.evaluate()["eval_loss"]
         _say(f"eval loss before training: {eval_before:.4f}")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     eval_after = trainer.evaluate()["eval_loss"] if datasets.eval is not None else None
 
     model_dir = _save_final(config, trainer, tokenizer, run_dir, base_dir)
@@ -241,10 +245,29 @@ def train(
         tokens_seen=trainer.state.num_input_tokens_seen - metrics_logger.tokens_at_start,
         parameters=counts,
         resumed_from=resume,
+        peak_gpu_memory_gib=peak,
         samples=samples,
     )
+    _write_summary(result)
     _print_summary(result)
     return result
+
+
+def _write_summary(result: RunResult) -> None:
+    summary = {
+        "global_step": result.global_step,
+        "train_loss": result.train_loss,
+        "eval_loss_before": result.eval_loss_before,
+        "eval_loss_after": result.eval_loss_after,
+        "train_seconds": round(result.train_seconds, 3),
+        "tokens_seen": result.tokens_seen,
+        "tokens_per_second": round(result.tokens_per_second, 1),
+        "peak_gpu_memory_gib": result.peak_gpu_memory_gib,
+        "trainable_parameters": result.parameters.trainable,
+        "total_parameters": result.parameters.total,
+        "resumed_from": result.resumed_from,
+    }
+    (result.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
 
 def _print_summary(result: RunResult) -> None:
@@ -254,13 +277,15 @@ def _print_summary(result: RunResult) -> None:
         f"time: {result.train_seconds:.1f} s, {result.tokens_seen:,} tokens, "
         f"{result.tokens_per_second:,.0f} tokens/s",
     ]
+    if result.peak_gpu_memory_gib is not None:
+        lines.append(f"peak GPU memory: {result.peak_gpu_memory_gib:.1f} GiB")
     if result.train_loss is not None:
         lines.append(f"train loss (mean): {result.train_loss:.4f}")
     if result.eval_loss_after is not None:
         before = f"{result.eval_loss_before:.4f} -> " if result.eval_loss_before is not None else ""
         lines.append(f"eval loss: {before}{result.eval_loss_after:.4f}")
     lines.append(f"model: {result.model_dir}")
-    lines.append(f"metrics: {result.run_dir / 'metrics.jsonl'}")
+    lines.append(f"metrics: {result.run_dir / 'metrics.jsonl'}, {result.run_dir / 'summary.json'}")
     _say("run summary\n  " + "\n  ".join(lines))
 
 

@@ -1,0 +1,149 @@
+"""GPU checks for tuneforge, run on a CUDA machine; prints one table.
+
+    python scripts/gpu_check.py --data DIR_WITH_lamini_docs.jsonl --work /tmp/tf-gpu
+
+Each case runs `tuneforge train` in its own process (as a user would) on a random-init
+model of a real architecture's shape and reads the run's summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+SHAPES = {
+    # For a quick CPU smoke test of this script: --shape tiny --steps 2.
+    "tiny": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=8000, max_position_embeddings=4096,
+    ),
+    # Llama-3.2-1B: 1.24B parameters.
+    "llama-1b": dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096,
+        rope_theta=500000.0, tie_word_embeddings=True,
+    ),
+}
+
+
+def build_tokenizer(corpus: list[str], directory: Path) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=8000, special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
+    )
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>").save_pretrained(
+        str(directory)
+    )
+    return directory
+
+
+def build_model_dir(shape: str, tokenizer_dir: Path, directory: Path) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    config = LlamaConfig(**SHAPES[shape], bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    return directory
+
+
+def run_case(name: str, config: dict, work: Path) -> dict:
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "tuneforge.cli.main", "train", str(path)],
+        capture_output=True, text=True,
+    )
+    wall = time.perf_counter() - started
+    log = work / f"{name}.log"
+    log.write_text(proc.stdout + "\n" + proc.stderr)
+    if proc.returncode != 0:
+        print(proc.stdout[-3000:], proc.stderr[-5000:], sep="\n")
+        return {"case": name, "status": f"failed ({proc.returncode})", "wall_s": round(wall, 1)}
+    summary = json.loads((Path(config["output"]["dir"]) / "summary.json").read_text())
+    metrics = [json.loads(l) for l in (Path(config["output"]["dir"]) / "metrics.jsonl").read_text().splitlines()]
+    steady = [m["tokens_per_second"] for m in metrics if "tokens_per_second" in m][1:]  # skip warm-up log
+    steady.sort()
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    return {
+        "case": name,
+        "status": "ok",
+        "steps": summary["global_step"],
+        "tokens/s (run)": summary["tokens_per_second"],
+        "tokens/s (median, after warm-up)": steady[len(steady) // 2] if steady else None,
+        "peak GiB": round(summary["peak_gpu_memory_gib"] or 0.0, 2),
+        "loss first/last": f"{losses[0]:.3f}/{losses[-1]:.3f}" if losses else "n/a",
+        "trainable": summary["trainable_parameters"],
+        "total": summary["total_parameters"],
+        "wall_s": round(wall, 1),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="folder holding lamini_docs.jsonl")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/tf-gpu"))
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    data = args.data / "lamini_docs.jsonl"
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    tokenizer_dir = build_tokenizer([r["question"] + "\n" + r["answer"] for r in rows], args.work / "tokenizer")
+    model_dir = build_model_dir(args.shape, tokenizer_dir, args.work / args.shape)
+
+    lora_1b = {
+        "model": {"path": str(model_dir), "init": "random", "dtype": "bfloat16", "attn_implementation": "sdpa"},
+        "data": {
+            "datasets": [{"path": str(data), "format": "text", "text_fields": ["question", "answer"]}],
+            "max_length": 2048,
+        },
+        "method": {"name": "lora", "r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
+        "train": {
+            "max_steps": args.steps, "per_device_train_batch_size": 4, "learning_rate": 2e-4,
+            "bf16": True, "logging_steps": max(1, min(5, args.steps // 3)), "save_strategy": "no", "warmup_steps": 2,
+            "dataloader_num_workers": 2,
+        },
+        "output": {"dir": str(args.work / "runs" / "lora-1b"), "overwrite": True},
+    }
+    if not torch.cuda.is_available():  # CPU smoke test of this script
+        lora_1b["model"]["dtype"] = "float32"
+        lora_1b["train"].update(bf16=False, per_device_train_batch_size=1, dataloader_num_workers=0)
+    results = [run_case(f"lora-{args.shape}-seq2048-mb{lora_1b['train']['per_device_train_batch_size']}", lora_1b, args.work)]
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    print(f"\ndevice: {device}; torch {torch.__version__}")
+    columns = list(results[0])
+    for result in results[1:]:
+        columns += [c for c in result if c not in columns]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for result in results:
+        print("| " + " | ".join(str(result.get(c, "")) for c in columns) + " |")
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "gpu_check.json").write_text(json.dumps(results, indent=2))
+    return 0 if all(r["status"] == "ok" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
