@@ -20,7 +20,7 @@ CORPUS = [
 ]
 
 
-def build_tokenizer(directory: Path) -> Path:
+def build_tokenizer(directory: Path, vocab_size: int = 600) -> Path:
     """A byte-level BPE tokenizer with BOS added on encode and no pad token (as Llama ships)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -29,7 +29,7 @@ def build_tokenizer(directory: Path) -> Path:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=600,
+        vocab_size=vocab_size,
         special_tokens=["<s>", "</s>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -65,6 +65,14 @@ def build_tiny_llama(directory: Path, tokenizer_dir: Path, **overrides) -> Path:
     model.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
     return directory
+
+
+@pytest.fixture(autouse=True, scope="session")
+def isolated_data_cache(tmp_path_factory):
+    """Tests never read or fill the user's tokenised-data cache."""
+    import os
+
+    os.environ["TUNEFORGE_CACHE"] = str(tmp_path_factory.mktemp("tuneforge-cache"))
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ Every number from 0 to 999 is written out in words ("three hundred forty
 two", no "and", no hyphens).  A fixed random 15% of the numbers is held out
 in ``heldout.jsonl`` and never used for training, so correct answers on them
 show that the model learned the rule rather than memorised its examples.
+Both files are in a fixed shuffled order.
 
 Run it from the repository root::
 
@@ -99,9 +100,12 @@ def make_row(n: int) -> dict[str, str]:
 def split_numbers() -> tuple[list[int], list[int]]:
     numbers = list(range(MAX_NUMBER + 1))
     n_heldout = round(len(numbers) * HELDOUT_FRACTION)
-    heldout = sorted(random.Random(SEED).sample(numbers, n_heldout))
+    rng = random.Random(SEED)
+    heldout = rng.sample(numbers, n_heldout)  # random order: the first rows are a representative mix
     held = set(heldout)
-    return [n for n in numbers if n not in held], heldout
+    train = [n for n in numbers if n not in held]
+    rng.shuffle(train)
+    return train, heldout
 
 
 def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:

@@ -4,8 +4,51 @@ import pytest
 
 from tuneforge.config.schema import DataConfig, DatasetSpec
 from tuneforge.data import build_datasets, read_file, read_rows
+from tuneforge.data.sources import BadRows
 from tuneforge.errors import DataError
 from tests.conftest import successor_rows, write_jsonl
+
+
+def test_csv_and_parquet_rows_with_origins(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "qa.csv").write_text('question,answer\n"a, quoted",1\nb,2\n', encoding="utf-8")
+    rows = read_file(tmp_path / "qa.csv")
+    assert [r.fields for r in rows] == [{"question": "a, quoted", "answer": "1"}, {"question": "b", "answer": "2"}]
+    assert rows[1].origin.endswith("qa.csv:3")
+    pq.write_table(pa.table({"text": ["x", "y"]}), tmp_path / "t.parquet")
+    rows = read_file(tmp_path / "t.parquet")
+    assert [r.fields["text"] for r in rows] == ["x", "y"] and rows[1].origin.endswith("t.parquet row 1")
+
+
+def test_csv_row_with_extra_cells_is_located(tmp_path):
+    (tmp_path / "bad.csv").write_text("question,answer\na,1,oops\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad\.csv:2: row has 3 cells but the header has 2"):
+        read_file(tmp_path / "bad.csv")
+
+
+def test_hf_prefix_loads_through_datasets(tmp_path):
+    from datasets import Dataset
+
+    folder = tmp_path / "local_hf"
+    folder.mkdir()
+    Dataset.from_dict({"question": ["q1", "q2"], "answer": ["a1", "a2"]}).to_parquet(str(folder / "train.parquet"))
+    rows = read_rows(DatasetSpec(path=f"hf:{folder}", split="train"), "k")
+    assert [r.fields["answer"] for r in rows] == ["a1", "a2"]
+    with pytest.raises(DataError, match="cannot load dataset"):
+        read_rows(DatasetSpec(path=f"hf:{tmp_path / 'missing'}"), "k")
+
+
+def test_skip_bad_rows_counts_and_keeps_reasons(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text('{"text": "ok"}\n{broken\n{"text": "fine"}\n[1]\n', encoding="utf-8")
+    bad = BadRows(skip=True)
+    rows = read_file(path, bad)
+    assert [r.fields["text"] for r in rows] == ["ok", "fine"]
+    assert bad.count == 2
+    assert bad.reasons[0].startswith(f"{path}:2: malformed JSON")
+    assert bad.reasons[1].startswith(f"{path}:4: expected a JSON object")
 
 
 def test_json_array_jsonl_and_json_lines_named_json(tmp_path):

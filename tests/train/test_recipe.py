@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 from transformers import AutoModelForCausalLM, TrainerCallback
@@ -43,9 +44,36 @@ def test_full_finetuning_lowers_eval_loss_and_writes_the_run(tmp_path, tiny_mode
     assert result.tokens_seen > 0
     # The saved run generates with the training template and reloads through plain HF.
     loaded = load_for_inference(str(run))
-    assert loaded.prompt_template == "### Question:\n{prompt}\n\n### Answer:\n"
+    assert loaded.template is not None and loaded.template.name == "qa"
     assert isinstance(generate(loaded, ["after 3"], max_new_tokens=4)[0], str)
     AutoModelForCausalLM.from_pretrained(str(run / "model"))
+
+
+def test_overfit_model_stops_at_the_trained_terminator_even_when_pad_is_eos(tmp_path, tiny_model_dir):
+    """PITFALLS 1: the tokenizer pads with EOS, yet EOS stays supervised and generation stops."""
+    data = write_jsonl(tmp_path / "one.jsonl", [{"question": "what stops?", "answer": "this answer does"}] * 8)
+    settings = {
+        "model": {"path": str(tiny_model_dir)},
+        "data": {"datasets": [{"path": str(data), "prompt_fields": ["question"], "response_field": "answer", "template": "qa"}]},
+        "train": {"max_steps": 80, "learning_rate": 1e-2, "per_device_train_batch_size": 8, "save_strategy": "no", "use_cpu": True},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    train(settings)
+    loaded = load_for_inference(str(tmp_path / "run"))
+    assert loaded.tokenizer.pad_token_id == loaded.tokenizer.eos_token_id
+    (answer,) = generate(loaded, ["what stops?"], max_new_tokens=30)
+    assert answer == "this answer does"  # nothing generated after the terminator
+
+
+def test_packed_training_learns_and_reports_packing(tmp_path, tiny_model_dir, capsys):
+    settings = config(tmp_path, tiny_model_dir, max_steps=40, logging_steps=10, per_device_train_batch_size=2)
+    settings["data"]["packing"] = True
+    result = train(settings)
+    out = capsys.readouterr().out
+    assert "packed batches use attention implementation 'sdpa'" in out
+    assert re.search(r"packing: 64 examples -> \d+ rows of <= 32 tokens", out)
+    assert result.eval_loss_after < 0.6 * result.eval_loss_before
+    assert result.tokens_seen > 0
 
 
 class CrashAt(TrainerCallback):

@@ -66,50 +66,93 @@ class ModelConfig(Section):
     )
 
 
-PROMPT_TEMPLATES: dict[str, str] = {
-    "qa": "### Question:\n{prompt}\n\n### Answer:\n",
-    "alpaca": (
-        "Below is an instruction that describes a task. "
-        "Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\n{prompt}\n\n### Response:\n"
-    ),
-    "plain": "{prompt}",
+BUILTIN_TEMPLATES = ("auto", "tokenizer", "qa", "alpaca", "chatml", "llama-3", "plain")
+
+DEFAULT_PROMPT_FIELDS = {
+    "instruction": ["instruction", "input"],
+    "preference": ["prompt"],
+    "multiple_choice": ["question"],
 }
 
 
 class DatasetSpec(Section):
     path: str | None = Field(
-        None, description="A JSON or JSON-lines file, a directory of them, or a glob."
+        None,
+        description="A JSON, JSON-lines, CSV or Parquet file, a directory of them, a glob, "
+        "or `hf:NAME` for a Hugging Face dataset id.",
     )
     source: Component | None = Field(
         None,
         description="`_target_` of a callable returning rows (a list of dicts or a "
         "`datasets.Dataset`), instead of `path`.",
     )
-    format: Literal["instruction", "text"] = Field(
+    split: str = Field("train", description="Split to read for `hf:` datasets.")
+    format: Literal["instruction", "chat", "text", "preference", "multiple_choice"] = Field(
         "instruction",
-        description="`instruction`: prompt and response, loss on the response only; "
-        "`text`: continued pretraining on whole documents packed into blocks of `max_length`.",
+        description="`instruction`: prompt and response, loss on the response; `chat`: "
+        "multi-turn conversations, loss on assistant turns; `text`: continued pretraining on "
+        "whole documents; `preference`: prompt/chosen/rejected pairs (preference methods); "
+        "`multiple_choice`: question, choices and label (trained as instruction data, or for "
+        "evaluation).",
     )
-    prompt_fields: list[str] = Field(
-        default_factory=lambda: ["instruction", "input"],
-        description="Instruction format: row fields joined (blank line between, empty ones "
-        "skipped) into `{prompt}`. E.g. `[question]` or `[input]`.",
+    template: str = Field(
+        "auto",
+        description="How turns become text: `auto` (the tokenizer's chat template if it has "
+        "one, else `qa`), `tokenizer`, `qa` (### Question / ### Answer), `alpaca`, `chatml`, "
+        "`llama-3`, `plain`, a string containing `{prompt}`, or a Jinja chat template. Saved "
+        "with the run so generation formats prompts the same way.",
+    )
+    prompt_fields: list[str] | None = Field(
+        None,
+        description="Row fields joined (blank line between, empty ones skipped) into the "
+        "prompt. Default: `[instruction, input]` (instruction; `input` may be missing), "
+        "`[prompt]` (preference), `[question]` (multiple choice). E.g. `[question]` or `[input]`.",
     )
     response_field: str = Field(
         "output", description="Instruction format: the row field with the response (`answer`, `target`)."
     )
-    prompt_template: str = Field(
-        "qa",
-        description="Instruction format: `qa`, `alpaca`, `plain`, or a string containing "
-        "`{prompt}`. Saved with the run so generation formats prompts the same way.",
+    system_prompt: str | None = Field(
+        None, description="System message added to rows that have none (every format but text)."
     )
+    messages_field: str = Field(
+        "messages",
+        description="Chat format: the list of turns, OpenAI style (`role`/`content`) or "
+        "ShareGPT style (`from`/`value`, e.g. `conversations`).",
+    )
+    train_on: Literal["all_assistant", "last_assistant"] = Field(
+        "all_assistant",
+        description="Which assistant turns of a multi-turn conversation are trained on: all, "
+        "or only the last.",
+    )
+    chosen_field: str = Field("chosen", description="Preference format: the preferred response.")
+    rejected_field: str = Field("rejected", description="Preference format: the dispreferred response.")
+    choices_field: str = Field(
+        "choices",
+        description="Multiple choice: a list field of choices; rows with `choice0`, `choice1`, "
+        "... fields (JGLUE) are read without it.",
+    )
+    label_field: str = Field("label", description="Multiple choice: index of the right choice.")
     text_fields: list[str] = Field(
         default_factory=lambda: ["text"],
         description="Text format: row fields joined by a newline, e.g. `[title, content]`.",
     )
+    on_too_long: Literal["truncate", "drop", "split"] = Field(
+        "truncate",
+        description="A row longer than `max_length`: `truncate` (cut the end), `drop`, or "
+        "`split` into consecutive windows. Rows whose trained tokens would all be cut are "
+        "dropped in every case. Counted in the report.",
+    )
     max_rows: int | None = Field(
         None, gt=0, description="Use only the first N rows (start small, then scale)."
+    )
+    weight: float | None = Field(
+        None,
+        gt=0,
+        description="Mixture weight: the dataset's share of the training examples is "
+        "weight / sum of weights (rows are sampled by seed, repeated if needed).",
+    )
+    samples: int | None = Field(
+        None, gt=0, description="Exactly this many examples from the dataset (sampled by seed)."
     )
 
     @field_validator("prompt_fields", "text_fields", mode="before")
@@ -117,24 +160,29 @@ class DatasetSpec(Section):
     def _one_field_is_a_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
-    @field_validator("prompt_template")
+    @field_validator("template")
     @classmethod
-    def _template_has_prompt(cls, value: str) -> str:
-        if value not in PROMPT_TEMPLATES and "{prompt}" not in value:
-            raise ValueError(
-                f"expected one of {sorted(PROMPT_TEMPLATES)} or a string containing '{{prompt}}'"
-            )
-        return value
+    def _known_template(cls, value: str) -> str:
+        if value in BUILTIN_TEMPLATES or "{prompt}" in value or "{%" in value or "{{" in value:
+            return value
+        raise ValueError(
+            f"expected one of {', '.join(BUILTIN_TEMPLATES)}, a string containing '{{prompt}}', "
+            "or a Jinja chat template"
+        )
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:
         if (self.path is None) == (self.source is None):
             raise ValueError("give exactly one of 'path' (a file) or 'source' (a _target_ callable)")
+        if self.weight is not None and self.samples is not None:
+            raise ValueError("give 'weight' or 'samples', not both")
         return self
 
     @property
-    def template_text(self) -> str:
-        return PROMPT_TEMPLATES.get(self.prompt_template, self.prompt_template)
+    def prompt_field_names(self) -> list[str]:
+        if self.prompt_fields is not None:
+            return self.prompt_fields
+        return DEFAULT_PROMPT_FIELDS.get(self.format, ["instruction", "input"])
 
     @property
     def name(self) -> str:
@@ -157,8 +205,28 @@ class DataConfig(Section):
     max_length: int = Field(
         1024,
         gt=1,
-        description="Longest sequence in tokens. Instruction rows are cut at the end of the "
-        "response; rows whose prompt alone fills it are dropped (counted).",
+        description="Longest sequence in tokens (see each dataset's `on_too_long`).",
+    )
+    packing: bool = Field(
+        False,
+        description="Pack several examples into each row, padding-free: no token attends "
+        "across an example boundary and positions restart per example.",
+    )
+    on_bad_rows: Literal["error", "skip"] = Field(
+        "error",
+        description="A row that cannot be used (missing field, wrong type): stop with an "
+        "error naming it, or skip it (counted, first reasons shown).",
+    )
+    num_proc: int = Field(1, ge=1, description="Worker processes for tokenisation.")
+    cache_dir: str | None = Field(
+        None,
+        description="Where tokenised datasets are cached; default `$TUNEFORGE_CACHE` or "
+        "`~/.cache/tuneforge/data`.",
+    )
+    streaming: bool = Field(
+        False,
+        description="Text format only: read and tokenise on the fly, for corpora larger than "
+        "memory (no cache; needs `train.max_steps`).",
     )
 
 

@@ -1,10 +1,16 @@
 """Build the training and evaluation datasets from the `data` config section.
 
     datasets = build_datasets(config.data, tokenizer, seed=config.train.seed)
+
+Per dataset: read rows -> format -> template -> tokenise with loss masks -> length policy.
+Then: hold out evaluation examples, mix the datasets by weight or count, pack if asked.
+The result is cached on disk, keyed on everything that affects it (see `cache.py`).
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,33 +18,53 @@ from typing import Any
 from datasets import Dataset
 
 from tuneforge.config.schema import DataConfig, DatasetSpec
-from tuneforge.data.formats import document_text, instruction_texts
-from tuneforge.data.sources import read_rows
-from tuneforge.data.tokenize import IGNORE_INDEX, Example, build_instruction_example, pack_documents
+from tuneforge.data.cache import DataCache
+from tuneforge.data.formats import document_text
+from tuneforge.data.packing import PackingStats, build_packed_dataset
+from tuneforge.data.sources import BadRows, Row, read_rows
+from tuneforge.data.streaming import stream_text_dataset
+from tuneforge.data.templates import Template, resolve_template
+from tuneforge.data.tokenize import IGNORE_INDEX, Example, encode_row, pack_documents
 from tuneforge.errors import DataError
+
+SUPERVISED_FORMATS = ("instruction", "chat", "multiple_choice")
 
 
 @dataclass
 class DatasetStats:
-    """What preprocessing did to one dataset; printed before training."""
+    """What preprocessing did to one dataset; printed before training and by `data preview`."""
 
     name: str
     rows: int = 0
     examples: int = 0
-    dropped_too_long: int = 0
+    used: int = 0
     truncated: int = 0
+    dropped: int = 0
+    split: int = 0
+    bad_rows: int = 0
+    bad_reasons: list[str] = field(default_factory=list)
     tokens: int = 0
     trained_tokens: int = 0
+    lengths: list[int] = field(default_factory=list, repr=False)
 
     def describe(self) -> str:
         text = (
             f"{self.name}: {self.rows} rows -> {self.examples} examples, "
             f"{self.tokens} tokens ({self.trained_tokens} trained)"
         )
-        if self.dropped_too_long:
-            text += f", {self.dropped_too_long} dropped (prompt fills max_length)"
-        if self.truncated:
-            text += f", {self.truncated} truncated"
+        if self.used != self.examples:
+            text += f"; {self.used} used after mixing"
+        counts = [
+            f"{self.truncated} truncated" if self.truncated else "",
+            f"{self.dropped} dropped (too long)" if self.dropped else "",
+            f"{self.split} split into windows" if self.split else "",
+            f"{self.bad_rows} bad rows skipped" if self.bad_rows else "",
+        ]
+        counts = [c for c in counts if c]
+        if counts:
+            text += "; " + ", ".join(counts)
+        for reason in self.bad_reasons:
+            text += f"\n    skipped: {reason}"
         return text
 
 
@@ -47,82 +73,250 @@ class Datasets:
     train: Dataset
     eval: Dataset | None
     stats: list[DatasetStats] = field(default_factory=list)
+    template: Template | None = None
+    from_cache: bool = False
+    packing: PackingStats | None = None
+
+
+def encode_rows(
+    rows: list[Row], spec: DatasetSpec, tokenizer: Any, template: Template, max_length: int, bad_rows: BadRows
+) -> tuple[list[Example], DatasetStats]:
+    """Tokenise supervised rows with the length policy; bad rows go to `bad_rows`."""
+    stats = DatasetStats(name=spec.name, rows=len(rows))
+    examples: list[Example] = []
+    for row in rows:
+        try:
+            encoded = encode_row(row, spec, tokenizer, template, max_length)
+        except DataError as error:
+            bad_rows.handle(error)
+            continue
+        if encoded.outcome == "truncated":
+            stats.truncated += 1
+        elif encoded.outcome == "dropped":
+            stats.dropped += 1
+        elif encoded.outcome == "split":
+            stats.split += 1
+        examples.extend(encoded.examples)
+    return examples, stats
+
+
+def _encode_shard(args: tuple) -> tuple[list[Example], DatasetStats, BadRows]:
+    rows, spec, tokenizer, template, max_length, skip = args
+    bad_rows = BadRows(skip=skip)
+    examples, stats = encode_rows(rows, spec, tokenizer, template, max_length, bad_rows)
+    return examples, stats, bad_rows
+
+
+def encode_rows_parallel(
+    rows: list[Row], spec: DatasetSpec, tokenizer: Any, template: Template, max_length: int,
+    bad_rows: BadRows, num_proc: int,
+) -> tuple[list[Example], DatasetStats]:
+    """`encode_rows` over `num_proc` forked workers, results in row order."""
+    if num_proc <= 1 or len(rows) < 2 * num_proc:
+        return encode_rows(rows, spec, tokenizer, template, max_length, bad_rows)
+    # Fast tokenizers' own thread pool must not be inherited across fork.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    size = -(-len(rows) // num_proc)
+    shards = [(rows[i : i + size], spec, tokenizer, template, max_length, bad_rows.skip) for i in range(0, len(rows), size)]
+    with multiprocessing.get_context("fork").Pool(num_proc) as pool:
+        results = pool.map(_encode_shard, shards)
+    examples: list[Example] = []
+    stats = DatasetStats(name=spec.name, rows=len(rows))
+    for shard_examples, shard_stats, shard_bad in results:
+        examples.extend(shard_examples)
+        stats.truncated += shard_stats.truncated
+        stats.dropped += shard_stats.dropped
+        stats.split += shard_stats.split
+        bad_rows.count += shard_bad.count
+        bad_rows.reasons.extend(shard_bad.reasons[: 3 - len(bad_rows.reasons)])
+    return examples, stats
 
 
 def tokenize_dataset(
-    spec: DatasetSpec, tokenizer: Any, max_length: int, key: str
+    spec: DatasetSpec, tokenizer: Any, template: Template, max_length: int, key: str,
+    on_bad_rows: str = "error", num_proc: int = 1,
 ) -> tuple[list[Example], DatasetStats]:
     """Read, format and tokenise one dataset."""
-    rows = read_rows(spec, key)
-    stats = DatasetStats(name=spec.name, rows=len(rows))
+    if spec.format == "preference":
+        raise DataError(
+            "preference pairs train with a preference method, not supervised fine-tuning",
+            where=spec.name,
+            hint="use format: instruction or chat for supervised fine-tuning",
+        )
+    bad_rows = BadRows(skip=on_bad_rows == "skip")
+    rows = read_rows(spec, key, bad_rows)
     if spec.format == "text":
-        examples = pack_documents(tokenizer, [document_text(row, spec) for row in rows], max_length)
-    else:
-        examples = []
+        documents = []
         for row in rows:
-            prompt, response = instruction_texts(row, spec)
-            example = build_instruction_example(tokenizer, prompt, response, max_length)
-            if example is None:
-                stats.dropped_too_long += 1
-                continue
-            stats.truncated += example.truncated
-            examples.append(example)
-    stats.examples = len(examples)
-    stats.tokens = sum(len(e.input_ids) for e in examples)
+            try:
+                documents.append(document_text(row, spec))
+            except DataError as error:
+                bad_rows.handle(error)
+        examples = pack_documents(tokenizer, documents, max_length)
+        stats = DatasetStats(name=spec.name, rows=len(rows))
+    else:
+        examples, stats = encode_rows_parallel(rows, spec, tokenizer, template, max_length, bad_rows, num_proc)
+    stats.bad_rows, stats.bad_reasons = bad_rows.count, bad_rows.reasons
+    stats.examples = stats.used = len(examples)
+    stats.lengths = [len(e.input_ids) for e in examples]
+    stats.tokens = sum(stats.lengths)
     stats.trained_tokens = sum(sum(label != IGNORE_INDEX for label in e.labels) for e in examples)
     if not examples:
         raise DataError(
-            f"no usable examples: all {stats.rows} rows were dropped because the prompt alone "
-            f"fills max_length={max_length}",
+            f"no usable examples out of {stats.rows} rows ({stats.dropped} too long, "
+            f"{stats.bad_rows} bad)",
             where=spec.name,
-            hint="raise data.max_length or shorten the prompts",
+            hint="raise data.max_length, set on_too_long: truncate, or check the field names",
         )
     return examples, stats
 
 
-def _to_dataset(examples: list[Example]) -> Dataset:
+def _hold_out(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    if fraction <= 0:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held = max(1, round(len(order) * fraction))
+    if held >= len(order):
+        raise DataError(
+            f"eval_split={fraction} leaves no training examples out of {len(order)}",
+            where="data.eval_split",
+        )
+    held_out = set(order[:held])
+    return (
+        [e for i, e in enumerate(examples) if i not in held_out],
+        [e for i, e in enumerate(examples) if i in held_out],
+    )
+
+
+def _sample(examples: list[Example], count: int, rng: random.Random) -> list[Example]:
+    """`count` examples: whole shuffled copies, then a sample of the rest (no repeats within a copy)."""
+    copies, remainder = divmod(count, len(examples))
+    chosen: list[Example] = []
+    for _ in range(copies):
+        chosen.extend(rng.sample(examples, len(examples)))
+    return chosen + rng.sample(examples, remainder)
+
+
+def mix(parts: list[list[Example]], specs: list[DatasetSpec], seed: int) -> list[list[Example]]:
+    """Apply each dataset's `samples` or `weight`; datasets with neither keep every example.
+
+    Weighted datasets share the total size of the weighted datasets in proportion to their weights.
+    """
+    weighted = [i for i, spec in enumerate(specs) if spec.weight is not None]
+    budget = sum(len(parts[i]) for i in weighted)
+    total_weight = sum(specs[i].weight for i in weighted)  # type: ignore[misc]
+    mixed = []
+    for index, (examples, spec) in enumerate(zip(parts, specs)):
+        rng = random.Random(seed * 1000 + index)
+        if spec.samples is not None:
+            mixed.append(_sample(examples, spec.samples, rng))
+        elif spec.weight is not None:
+            mixed.append(_sample(examples, max(1, round(budget * spec.weight / total_weight)), rng))
+        else:
+            mixed.append(examples)
+    return mixed
+
+
+def to_dataset(examples: list[Example]) -> Dataset:
     return Dataset.from_dict(
         {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]}
     )
 
 
-def build_datasets(config: DataConfig, tokenizer: Any, seed: int) -> Datasets:
-    """Tokenised train and eval sets plus per-dataset statistics.
+def _template_for(spec: DatasetSpec, first: Template, tokenizer: Any) -> Template:
+    # The run saves the first dataset's template for generation; others may differ on purpose.
+    return first if spec.template == first.name else resolve_template(spec.template, tokenizer)
 
-    Without `eval_datasets`, `eval_split` holds out a seeded random fraction of the
-    training examples.
-    """
-    train_examples: list[Example] = []
+
+def _tokenize_all(config: DataConfig, tokenizer: Any, template: Template, seed: int, batch_size: int) -> Datasets:
+    train_parts, stats = [], []
     eval_examples: list[Example] = []
-    stats = []
     for index, spec in enumerate(config.datasets):
-        examples, stat = tokenize_dataset(spec, tokenizer, config.max_length, f"data.datasets.{index}")
-        train_examples.extend(examples)
+        examples, stat = tokenize_dataset(
+            spec, tokenizer, _template_for(spec, template, tokenizer), config.max_length,
+            f"data.datasets.{index}", config.on_bad_rows, config.num_proc,
+        )
+        if not config.eval_datasets:
+            examples, held_out = _hold_out(examples, config.eval_split, seed + index)
+            eval_examples.extend(held_out)
+        train_parts.append(examples)
         stats.append(stat)
+    mixed = mix(train_parts, config.datasets, seed)
+    for part, stat in zip(mixed, stats):
+        stat.used = len(part)
+    train_examples = [e for part in mixed for e in part]
     for index, spec in enumerate(config.eval_datasets):
         examples, stat = tokenize_dataset(
-            spec, tokenizer, config.max_length, f"data.eval_datasets.{index}"
+            spec, tokenizer, _template_for(spec, template, tokenizer), config.max_length,
+            f"data.eval_datasets.{index}", config.on_bad_rows, config.num_proc,
         )
         stat.name = f"{stat.name} (eval)"
         eval_examples.extend(examples)
         stats.append(stat)
-    if not config.eval_datasets and config.eval_split > 0:
-        order = list(range(len(train_examples)))
-        random.Random(seed).shuffle(order)
-        held_out = max(1, round(len(order) * config.eval_split))
-        if held_out >= len(order):
-            raise DataError(
-                f"eval_split={config.eval_split} leaves no training examples out of {len(order)}",
-                where="data.eval_split",
-            )
-        eval_set = set(order[:held_out])
-        eval_examples = [e for i, e in enumerate(train_examples) if i in eval_set]
-        train_examples = [e for i, e in enumerate(train_examples) if i not in eval_set]
+    packing = None
+    if config.packing:
+        train, packing = build_packed_dataset(
+            train_examples, config.max_length, baseline_batch_size=batch_size, seed=seed
+        )
+    else:
+        train = to_dataset(train_examples)
     return Datasets(
-        train=_to_dataset(train_examples),
-        eval=_to_dataset(eval_examples) if eval_examples else None,
+        train=train,
+        eval=to_dataset(eval_examples) if eval_examples else None,
         stats=stats,
+        template=template,
+        packing=packing,
     )
 
 
-__all__ = ["DatasetStats", "Datasets", "build_datasets", "tokenize_dataset"]
+def _streaming_datasets(config: DataConfig, tokenizer: Any, template: Template) -> Datasets:
+    eval_examples: list[Example] = []
+    stats = []
+    for index, spec in enumerate(config.eval_datasets):
+        examples, stat = tokenize_dataset(
+            spec, tokenizer, _template_for(spec, template, tokenizer), config.max_length,
+            f"data.eval_datasets.{index}", config.on_bad_rows,
+        )
+        eval_examples.extend(examples)
+        stats.append(stat)
+    return Datasets(
+        train=stream_text_dataset(config, tokenizer),  # type: ignore[arg-type]
+        eval=to_dataset(eval_examples) if eval_examples else None,
+        stats=stats,
+        template=template,
+    )
+
+
+def build_datasets(
+    config: DataConfig, tokenizer: Any, seed: int, *, use_cache: bool = True, batch_size: int = 8
+) -> Datasets:
+    """Tokenised train and eval sets plus per-dataset statistics, from the cache when possible.
+
+    Without `eval_datasets`, `eval_split` holds out a seeded fraction of each dataset's examples
+    before mixing, so a repeated example never lands in both splits. With `packing`, training
+    examples are packed into rows (`batch_size` only sets the padded baseline that packing
+    efficiency is compared with).
+    """
+    template = resolve_template(config.datasets[0].template, tokenizer)
+    if config.streaming:
+        return _streaming_datasets(config, tokenizer, template)
+    cache = DataCache(config, tokenizer, seed) if use_cache else None
+    if cache is not None:
+        cached = cache.load()
+        if cached is not None:
+            train, evaluation, meta = cached
+            stats = [DatasetStats(**s) for s in meta["datasets"]]
+            packing = PackingStats(**meta["packing"]) if meta.get("packing") else None
+            return Datasets(train, evaluation, stats, template, from_cache=True, packing=packing)
+    datasets = _tokenize_all(config, tokenizer, template, seed, batch_size)
+    if cache is not None:
+        meta = {
+            "datasets": [vars(s) for s in datasets.stats],
+            "packing": vars(datasets.packing) if datasets.packing else None,
+        }
+        cache.save(datasets.train, datasets.eval, meta)
+    return datasets
+
+
+__all__ = ["DatasetStats", "Datasets", "build_datasets", "encode_rows", "mix", "to_dataset", "tokenize_dataset"]

@@ -1,59 +1,111 @@
-"""Tokenise and mask: pure functions from text to `input_ids` and `labels`.
+"""Tokenise and mask rows, and apply the length policy: pure functions from rows to examples.
 
-Labels are -100 exactly where no loss is wanted (the prompt; padding is masked later by
-position in the collator, never by token id, so pad == eos stays safe).
+    encoded = encode_row(row, spec, tokenizer, template, max_length=1024)
+    encoded.outcome  # "ok", "truncated", "split" or "dropped" (counted in the report)
+
+Labels are -100 exactly where no loss is wanted. Padding is masked later by position in the
+collator, never by token id, so pad == eos keeps every terminator's label (PITFALLS 1).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-IGNORE_INDEX = -100
+from tuneforge.config.schema import DatasetSpec
+from tuneforge.data.formats import row_to_messages
+from tuneforge.data.sources import Row
+from tuneforge.data.templates import IGNORE_INDEX, Template, encode_conversation
 
-
-def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    """Prompt ids as generation will see them: with the tokenizer's own special prefix (BOS)."""
-    ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    # Some tokenizer configs append EOS to every encode; a prompt must not end the sequence.
-    if ids and tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id:
-        if tokenizer.eos_token_id != tokenizer.bos_token_id or len(ids) > 1:
-            ids = ids[:-1]
-    return ids
+Outcome = Literal["ok", "truncated", "split", "dropped"]
+OnTooLong = Literal["truncate", "drop", "split"]
 
 
 @dataclass(frozen=True)
 class Example:
+    """One training sequence; `labels[i]` is -100 where position i is not trained."""
+
     input_ids: list[int]
     labels: list[int]
-    truncated: bool = False
 
 
-def build_instruction_example(
-    tokenizer: Any, prompt: str, response: str, max_length: int
-) -> Example | None:
-    """Prompt + response + EOS, loss on the response and EOS only.
+@dataclass(frozen=True)
+class Encoded:
+    """What one row became: its examples (none when dropped) and how the length policy went."""
 
-    The prompt and response are tokenised separately so the training prompt's ids equal the
-    ids `generate` builds from the same prompt.
+    examples: list[Example] = field(default_factory=list)
+    outcome: Outcome = "ok"
+
+
+def has_trained_token(labels: list[int]) -> bool:
+    """Whether any label contributes to the loss.
+
+    The model predicts token i from tokens before it, so the first label of a sequence never
+    counts: a window whose only trained token is its first would give a zero (or NaN) loss.
+    """
+    return any(label != IGNORE_INDEX for label in labels[1:])
+
+
+def fit_length(input_ids: list[int], labels: list[int], max_length: int, on_too_long: OnTooLong) -> Encoded:
+    """Apply the length policy to one encoded sequence.
+
+    Args:
+        input_ids: Token ids.
+        labels: Labels, -100 where not trained.
+        max_length: Longest sequence allowed.
+        on_too_long: `truncate` (keep the first `max_length` tokens), `drop`, or `split` into
+            consecutive windows of `max_length` (windows without a trained token are
+            discarded).
 
     Returns:
-        The example, or None when the prompt alone leaves no room for a trained token.
+        The examples and the outcome. Whatever the policy, a sequence left with no trained
+        token is dropped (PITFALLS 4).
+
+    Example:
+        labels `[-100, -100, 5, 6, 7]` with `max_length=2`: `truncate` drops the row (its
+        first two tokens are untrained); `split` makes windows `[-100, -100]`, `[5, 6]` and
+        `[7]` and keeps only `[5, 6]` (a lone first label never counts: `has_trained_token`).
     """
-    prompt_ids = encode_prompt(tokenizer, prompt)
-    response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
-    if tokenizer.eos_token_id is not None:
-        response_ids.append(tokenizer.eos_token_id)
-    if len(prompt_ids) >= max_length or not response_ids:
-        return None
-    room = max_length - len(prompt_ids)
-    truncated = len(response_ids) > room
-    response_ids = response_ids[:room]
-    return Example(
-        input_ids=prompt_ids + response_ids,
-        labels=[IGNORE_INDEX] * len(prompt_ids) + response_ids,
-        truncated=truncated,
+    if len(input_ids) <= max_length:
+        if not has_trained_token(labels):
+            return Encoded([], "dropped")
+        return Encoded([Example(list(input_ids), list(labels))], "ok")
+    if on_too_long == "drop":
+        return Encoded([], "dropped")
+    if on_too_long == "truncate":
+        kept = labels[:max_length]
+        if not has_trained_token(kept):
+            return Encoded([], "dropped")
+        return Encoded([Example(input_ids[:max_length], kept)], "truncated")
+    windows = [
+        Example(input_ids[start : start + max_length], labels[start : start + max_length])
+        for start in range(0, len(input_ids), max_length)
+    ]
+    windows = [window for window in windows if has_trained_token(window.labels)]
+    return Encoded(windows, "split") if windows else Encoded([], "dropped")
+
+
+def encode_row(row: Row, spec: DatasetSpec, tokenizer: Any, template: Template, max_length: int) -> Encoded:
+    """Format, template, tokenise and mask one supervised row, then apply `spec.on_too_long`.
+
+    Args:
+        row: An `instruction`, `chat` or `multiple_choice` row.
+        spec: Its dataset config (format, fields, `train_on`, `on_too_long`).
+        tokenizer: The tokenizer.
+        template: From `resolve_template`.
+        max_length: `data.max_length`.
+
+    Returns:
+        The row's examples and outcome.
+
+    Raises:
+        DataError: The row does not fit its format, or the template cannot mask it.
+    """
+    messages = row_to_messages(row, spec)
+    input_ids, labels = encode_conversation(
+        tokenizer, template, messages, train_on=spec.train_on, origin=row.origin
     )
+    return fit_length(input_ids, labels, max_length, spec.on_too_long)
 
 
 def pack_documents(tokenizer: Any, documents: list[str], block_size: int) -> list[Example]:
@@ -70,4 +122,13 @@ def pack_documents(tokenizer: Any, documents: list[str], block_size: int) -> lis
     return [Example(block, list(block)) for block in blocks if len(block) > 1]
 
 
-__all__ = ["IGNORE_INDEX", "Example", "build_instruction_example", "encode_prompt", "pack_documents"]
+__all__ = [
+    "IGNORE_INDEX",
+    "Encoded",
+    "Example",
+    "Outcome",
+    "encode_row",
+    "fit_length",
+    "has_trained_token",
+    "pack_documents",
+]

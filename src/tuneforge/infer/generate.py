@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tuneforge.data.templates import Template, encode_prompt_for_generation, template_from_metadata
 from tuneforge.errors import ModelError
 from tuneforge.models.generation import generate_texts
 from tuneforge.train.run_dir import read_run_metadata
@@ -21,7 +22,7 @@ from tuneforge.train.run_dir import read_run_metadata
 class LoadedModel:
     model: torch.nn.Module
     tokenizer: Any
-    prompt_template: str | None
+    template: Template | None
     source: str
 
 
@@ -60,22 +61,23 @@ def load_for_inference(model_or_run: str, *, trust_remote_code: bool = False, de
         tokenizer.pad_token = tokenizer.eos_token
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    return LoadedModel(model, tokenizer, metadata.get("prompt_template"), source)
+    template = template_from_metadata(metadata["template"]) if metadata.get("template") else None
+    return LoadedModel(model, tokenizer, template, source)
 
 
-def format_for_model(loaded: LoadedModel, prompt: str, raw: bool = False) -> str:
-    """Apply the template the run was trained with (unless `raw`)."""
-    if raw or not loaded.prompt_template:
-        return prompt
-    return loaded.prompt_template.replace("{prompt}", prompt)
+def encode_for_model(loaded: LoadedModel, prompt: str, *, raw: bool = False, system_prompt: str | None = None) -> list[int]:
+    """Prompt ids as in training: the run's template around a user turn (unless `raw`)."""
+    if raw or loaded.template is None:
+        return list(loaded.tokenizer(prompt)["input_ids"])
+    return encode_prompt_for_generation(loaded.tokenizer, loaded.template, prompt, system_prompt)
 
 
 def generate(
-    loaded: LoadedModel, prompts: list[str], *, raw: bool = False, **options: Any
+    loaded: LoadedModel, prompts: list[str], *, raw: bool = False, system_prompt: str | None = None, **options: Any
 ) -> list[str]:
-    return generate_texts(
-        loaded.model, loaded.tokenizer, [format_for_model(loaded, p, raw) for p in prompts], **options
-    )
+    ids = [encode_for_model(loaded, p, raw=raw, system_prompt=system_prompt) for p in prompts]
+    stops = loaded.template.stop_token_ids(loaded.tokenizer) if loaded.template and not raw else None
+    return generate_texts(loaded.model, loaded.tokenizer, ids, stop_token_ids=stops, **options)
 
 
-__all__ = ["LoadedModel", "format_for_model", "generate", "load_for_inference"]
+__all__ = ["LoadedModel", "encode_for_model", "generate", "load_for_inference"]

@@ -1,4 +1,4 @@
-"""Generate continuations for formatted prompts, with the same prompt encoding as training."""
+"""Generate continuations of already-encoded prompts (encoding belongs to the data templates)."""
 
 from __future__ import annotations
 
@@ -6,27 +6,26 @@ from typing import Any
 
 import torch
 
-from tuneforge.data.tokenize import encode_prompt
-
 
 @torch.no_grad()
 def generate_texts(
     model: torch.nn.Module,
     tokenizer: Any,
-    prompts: list[str],
+    prompt_ids: list[list[int]],
     *,
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,
     repetition_penalty: float = 1.0,
+    stop_token_ids: list[int] | None = None,
 ) -> list[str]:
     """Decode a continuation per prompt (greedy when `temperature` is 0), stopping at EOS.
 
-    Prompts are encoded one by one with `encode_prompt`, exactly as training encoded them,
-    and left-padded into one batch.
+    Prompts arrive as ids, encoded by the same template code as training, and are
+    left-padded into one batch.
     """
-    encoded = [encode_prompt(tokenizer, prompt) for prompt in prompts]
+    encoded = prompt_ids
     width = max(len(ids) for ids in encoded)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in encoded])
@@ -43,7 +42,7 @@ def generate_texts(
         max_new_tokens=max_new_tokens,
         repetition_penalty=repetition_penalty,
         pad_token_id=pad_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop_token_ids or tokenizer.eos_token_id,
         **sampling,
     )
     model.train(was_training)

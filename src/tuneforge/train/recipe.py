@@ -22,13 +22,16 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from tuneforge.config.loading import dump_config, load_config
 from tuneforge.config.schema import Config, DatasetSpec, LoraMethod
 from tuneforge.config.training_args import to_training_arguments
-from tuneforge.data.build import Datasets, build_datasets
-from tuneforge.data.formats import instruction_texts
+from tuneforge.data.build import SUPERVISED_FORMATS, Datasets, build_datasets
+from tuneforge.data.formats import row_to_messages
+from tuneforge.data.packing import PackedCollator
 from tuneforge.data.sources import read_rows
+from tuneforge.data.templates import Template, encode_generation_prompt, template_to_metadata
 from tuneforge.data.tokenize import IGNORE_INDEX
 from tuneforge.errors import ConfigError
 from tuneforge.methods.prepare import ParameterCounts, prepare_model
 from tuneforge.models.generation import generate_texts
+from tuneforge.models.attention import enable_packed_attention
 from tuneforge.models.loading import load_model, load_tokenizer
 from tuneforge.train.callbacks import MetricsLogger, TrainingProgress
 from tuneforge.train.run_dir import (
@@ -68,14 +71,15 @@ def _say(message: str) -> None:
 
 
 def _build_training_arguments(config: Config, run_dir: Path) -> transformers.TrainingArguments:
+    if config.data.packing:
+        # Packed batches have no padding, and position_ids must reach the model even when its
+        # forward signature does not name them (they carry the example boundaries).
+        runtime = {"include_num_input_tokens_seen": "all", "remove_unused_columns": False}
+    else:
+        # Count real (non-padding) tokens so throughput is honest.
+        runtime = {"include_num_input_tokens_seen": "non_padding"}
     try:
-        return to_training_arguments(
-            config.train,
-            str(run_dir),
-            # Count real (non-padding) tokens so throughput is honest.
-            include_num_input_tokens_seen="non_padding",
-            disable_tqdm=True,
-        )
+        return to_training_arguments(config.train, str(run_dir), disable_tqdm=True, **runtime)
     except (ValueError, ImportError) as exc:
         raise ConfigError(
             str(exc).strip().splitlines()[0],
@@ -92,19 +96,27 @@ def _attach_input_grads_for_checkpointing(model: Any, args: transformers.Trainin
 
 
 def _save_final(
-    config: Config, trainer: Trainer, tokenizer: Any, run_dir: Path, base_dir: Path | None
+    config: Config, trainer: Trainer, tokenizer: Any, datasets: Datasets, run_dir: Path, base_dir: Path | None
 ) -> Path:
     model_dir = run_dir / "model"
+    supervised = config.data.datasets[0].format in SUPERVISED_FORMATS
+    template = template_to_metadata(datasets.template) if supervised and datasets.template else None
+    if supervised and datasets.template is not None:
+        # Exports are self-contained (PITFALLS 18): plain `apply_chat_template` formats prompts
+        # as training did, and `generate` stops at the trained terminator.
+        tokenizer.chat_template = datasets.template.chat_template
+        generation_config = getattr(trainer.model, "generation_config", None)
+        if generation_config is not None:
+            generation_config.eos_token_id = datasets.template.stop_token_ids(tokenizer)
     trainer.save_model(str(model_dir))
     tokenizer.save_pretrained(str(model_dir))
-    first = config.data.datasets[0]
     is_adapter = isinstance(config.method, LoraMethod)
     base = str(base_dir) if base_dir is not None else config.model.path
     write_run_metadata(
         model_dir,
         base_model=base if is_adapter else None,
         adapter=is_adapter,
-        prompt_template=first.template_text if first.format == "instruction" else None,
+        template=template,
         trust_remote_code=config.model.trust_remote_code,
     )
     if is_adapter and config.method.merge:  # type: ignore[union-attr]
@@ -116,7 +128,7 @@ def _save_final(
             merged_dir,
             base_model=None,
             adapter=False,
-            prompt_template=first.template_text if first.format == "instruction" else None,
+            template=template,
             trust_remote_code=config.model.trust_remote_code,
         )
         trainer.model = merged
@@ -124,26 +136,29 @@ def _save_final(
     return model_dir
 
 
-def _show_samples(config: Config, model: Any, tokenizer: Any) -> list[dict[str, str]]:
+def _show_samples(config: Config, model: Any, tokenizer: Any, template: Template | None) -> list[dict[str, str]]:
     samples_config = config.output.samples
-    if samples_config is None:
-        return []
     spec: DatasetSpec = config.data.datasets[0]
-    if spec.format != "instruction":
+    if samples_config is None or template is None or spec.format not in SUPERVISED_FORMATS:
         return []
     sample_spec = spec.model_copy(update={"path": samples_config.path, "source": None, "max_rows": None})
     rows = read_rows(sample_spec, "output.samples")[: samples_config.count]
-    pairs = [instruction_texts(row, sample_spec) for row in rows]
+    conversations = [row_to_messages(row, sample_spec) for row in rows]
+    prompt_ids = [encode_generation_prompt(tokenizer, template, messages[:-1]) for messages in conversations]
     outputs = generate_texts(
-        model, tokenizer, [prompt for prompt, _ in pairs], max_new_tokens=samples_config.max_new_tokens
+        model, tokenizer, prompt_ids, max_new_tokens=samples_config.max_new_tokens,
+        stop_token_ids=template.stop_token_ids(tokenizer),
     )
     samples = []
+    correct = 0
     _say(f"generations for {len(rows)} held-out prompts from {samples_config.path}:")
-    for row, (prompt, reference), output in zip(rows, pairs, outputs):
-        question = " | ".join(str(row.fields.get(f, "")) for f in spec.prompt_fields if row.fields.get(f))
-        mark = "ok " if output.strip() == reference.strip() else "   "
-        print(f"  {mark} {question!r:<52} -> {output.strip()!r}  (reference {reference.strip()!r})")
-        samples.append({"prompt": prompt, "output": output, "reference": reference})
+    for messages, output in zip(conversations, outputs):
+        question, reference = messages[-2]["content"], messages[-1]["content"]
+        right = output.strip() == reference.strip()
+        correct += right
+        print(f"  {'ok ' if right else '   '} {question!r:<52} -> {output.strip()!r}  (reference {reference.strip()!r})")
+        samples.append({"prompt": question, "output": output, "reference": reference})
+    _say(f"{correct} of {len(rows)} exactly right")
     return samples
 
 
@@ -151,16 +166,24 @@ def _log_data(datasets: Datasets) -> None:
     for stats in datasets.stats:
         _say(stats.describe())
     eval_rows = len(datasets.eval) if datasets.eval is not None else 0
-    _say(f"training examples: {len(datasets.train)}, evaluation examples: {eval_rows}")
+    train_rows = len(datasets.train) if hasattr(datasets.train, "__len__") else "streamed"
+    _say(f"training examples: {train_rows}, evaluation examples: {eval_rows}")
+    if datasets.packing is not None:
+        _say(datasets.packing.describe())
 
 
-def _check_trained_tokens(datasets: Datasets) -> None:
-    trained = sum(stats.trained_tokens for stats in datasets.stats)
-    if trained == 0:
+def _check_data(config: Config, datasets: Datasets) -> None:
+    if sum(stats.trained_tokens for stats in datasets.stats if not stats.name.endswith("(eval)")) == 0 and not config.data.streaming:
         raise ConfigError(
             "no token of the training data is trained on (every label is masked)",
             where="data",
             hint="check response_field and the template",
+        )
+    if config.data.streaming and config.train.max_steps <= 0:
+        raise ConfigError(
+            "a streamed dataset has no length, so the run needs a step budget",
+            where="train.max_steps",
+            hint="set train.max_steps",
         )
 
 
@@ -185,12 +208,16 @@ def train(
 
     transformers.set_seed(config.train.seed)
     tokenizer = load_tokenizer(config.model)
-    datasets = build_datasets(config.data, tokenizer, seed=config.train.seed)
+    datasets = build_datasets(
+        config.data, tokenizer, seed=config.train.seed, batch_size=config.train.per_device_train_batch_size
+    )
     _log_data(datasets)
-    _check_trained_tokens(datasets)
+    _check_data(config, datasets)
 
     args = _build_training_arguments(config, run_dir)
     model = load_model(config.model)
+    if config.data.packing:
+        _say(f"packed batches use attention implementation '{enable_packed_attention(model)}'")
     base_dir = None
     if config.model.init == "random" and isinstance(config.method, LoraMethod):
         # Random base weights exist nowhere else: keep them so the adapter stays usable.
@@ -212,7 +239,11 @@ def train(
         args=args,
         train_dataset=datasets.train,
         eval_dataset=datasets.eval,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True),
+        data_collator=(
+            PackedCollator()
+            if config.data.packing
+            else DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
+        ),
         processing_class=tokenizer,
         callbacks=[metrics_logger, TrainingProgress(), *(callbacks or [])],
     )
@@ -232,8 +263,8 @@ def train(
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     eval_after = trainer.evaluate()["eval_loss"] if datasets.eval is not None else None
 
-    model_dir = _save_final(config, trainer, tokenizer, run_dir, base_dir)
-    samples = _show_samples(config, trainer.model, tokenizer)
+    model_dir = _save_final(config, trainer, tokenizer, datasets, run_dir, base_dir)
+    samples = _show_samples(config, trainer.model, tokenizer, datasets.template)
     result = RunResult(
         run_dir=run_dir,
         model_dir=model_dir,
@@ -250,6 +281,11 @@ def train(
     )
     _write_summary(result)
     _print_summary(result)
+    if config.model.init == "random":
+        _say(
+            "note: this was a randomly initialised demonstration model, not a real one. To fine-tune "
+            f"a real model, change one line: model.path=<hub id or directory> model.init=pretrained"
+        )
     return result
 
 

@@ -1,0 +1,54 @@
+"""`tuneforge data preview CONFIG`: the tokenised examples (untrained tokens marked) and statistics."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "inspect the training data as tuneforge tokenises it (sub-command: preview)"
+EXAMPLE = "tuneforge data preview examples/quickstart.yaml --count 3"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="data_verb", metavar="preview", required=True)
+    preview = sub.add_parser("preview", help="print tokenised examples and statistics")
+    preview.add_argument("config", help="YAML config file")
+    preview.add_argument("overrides", nargs="*", help="section.key=value, applied after the file")
+    preview.add_argument("--count", type=int, default=3, help="examples to print")
+    preview.add_argument(
+        "--color", choices=["auto", "always", "never"], default="auto",
+        help="colour trained tokens (auto: when writing to a terminal); otherwise untrained text is «marked»",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from tuneforge.config.loading import load_config
+    from tuneforge.data.build import build_datasets
+    from tuneforge.data.preview import length_histogram, render_example
+    from tuneforge.models.loading import load_tokenizer
+
+    config = load_config(args.config, args.overrides)
+    tokenizer = load_tokenizer(config.model)
+    datasets = build_datasets(
+        config.data, tokenizer, seed=config.train.seed, batch_size=config.train.per_device_train_batch_size
+    )
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    train = datasets.train
+    legend = "trained tokens in green, untrained in grey" if color else "untrained text is shown «like this»"
+    print(f"template: {datasets.template.name if datasets.template else 'n/a'}; {legend}\n")
+    for index in range(min(args.count, len(train))):
+        row = train[index]
+        tokens = len(row["input_ids"])
+        trained = sum(label != -100 for label in row["labels"])
+        print(f"--- example {index}: {tokens} tokens, {trained} trained")
+        print(render_example(tokenizer, row["input_ids"], row["labels"], color=color))
+        print()
+    print("--- statistics")
+    for stats in datasets.stats:
+        print(stats.describe())
+    lengths = [length for stats in datasets.stats for length in stats.lengths]
+    print(f"length histogram (tokens per example, max_length {config.data.max_length}):")
+    print("\n".join(length_histogram(lengths)))
+    if datasets.packing is not None:
+        print(datasets.packing.describe())
+    return 0
