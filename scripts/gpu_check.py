@@ -104,11 +104,15 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/tf-gpu"))
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b")
+    parser.add_argument("--cases", default="lora,jcqa", help="comma-separated: lora, jcqa")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     data = args.data / "lamini_docs.jsonl"
+    jcqa = args.data / "train-v1.3.json"
     rows = [json.loads(line) for line in data.read_text().splitlines()]
-    tokenizer_dir = build_tokenizer([r["question"] + "\n" + r["answer"] for r in rows], args.work / "tokenizer")
+    corpus = [r["question"] + "\n" + r["answer"] for r in rows]
+    corpus += [json.dumps(json.loads(line), ensure_ascii=False) for line in jcqa.read_text().splitlines()]
+    tokenizer_dir = build_tokenizer(corpus, args.work / "tokenizer")
     model_dir = build_model_dir(args.shape, tokenizer_dir, args.work / args.shape)
 
     lora_1b = {
@@ -128,7 +132,34 @@ def main() -> int:
     if not torch.cuda.is_available():  # CPU smoke test of this script
         lora_1b["model"]["dtype"] = "float32"
         lora_1b["train"].update(bf16=False, per_device_train_batch_size=1, dataloader_num_workers=0)
-    results = [run_case(f"lora-{args.shape}-seq2048-mb{lora_1b['train']['per_device_train_batch_size']}", lora_1b, args.work)]
+    cases = set(args.cases.split(","))
+    results = []
+    if "lora" in cases:
+        results.append(run_case(f"lora-{args.shape}-seq2048-mb{lora_1b['train']['per_device_train_batch_size']}", lora_1b, args.work))
+
+    # JCommonsenseQA as instructions (question + choices -> right choice): padded batches
+    # against padding-free packing, real (non-padding) tokens/s.
+    jcqa_base = {
+        "model": lora_1b["model"],
+        "data": {"datasets": [{"path": str(jcqa), "format": "multiple_choice", "template": "qa"}], "max_length": 2048},
+        "method": lora_1b["method"],
+        "train": {**lora_1b["train"], "per_device_train_batch_size": 64, "max_steps": 2 * args.steps},
+        "output": {"dir": str(args.work / "runs" / "jcqa-padded"), "overwrite": True},
+    }
+    jcqa_packed = json.loads(json.dumps(jcqa_base))
+    jcqa_packed["data"]["packing"] = True
+    jcqa_packed["train"].update(per_device_train_batch_size=4, max_steps=args.steps)
+    jcqa_packed["output"]["dir"] = str(args.work / "runs" / "jcqa-packed")
+    if not torch.cuda.is_available():
+        for case in (jcqa_base, jcqa_packed):
+            case["train"].update(bf16=False, dataloader_num_workers=0, max_steps=3)
+    if "jcqa" in cases:
+        results.append(run_case(f"jcqa-lora-{args.shape}-padded-mb64", jcqa_base, args.work))
+        results.append(run_case(f"jcqa-lora-{args.shape}-packed-4x2048", jcqa_packed, args.work))
+    padded, packed = (results[-2], results[-1]) if "jcqa" in cases else ({}, {})
+    if padded.get("tokens/s (median, after warm-up)") and packed.get("tokens/s (median, after warm-up)"):
+        gain = packed["tokens/s (median, after warm-up)"] / padded["tokens/s (median, after warm-up)"]
+        print(f"padding-free packing vs padded batches, real tokens/s: {gain:.2f}x")
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     print(f"\ndevice: {device}; torch {torch.__version__}")

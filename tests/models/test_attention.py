@@ -194,3 +194,18 @@ def test_packed_bf16_logits_and_grads_with_varlen_match_examples_alone(family):
     for name, p in model.named_parameters():
         expected = p.grad.float()
         assert (packed_grads[name] - expected).abs().max() <= 5e-2 * expected.abs().max() + 1e-4, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+def test_varlen_is_chosen_for_a_model_still_on_the_cpu_when_training_runs_on_cuda(tmp_path):
+    """The recipe loads models on the CPU; the Trainer moves them later."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tuneforge.models.attention import VARLEN_ATTENTION, enable_packed_attention, varlen_available
+
+    if not varlen_available():
+        pytest.skip("torch has no varlen_attn")
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    assert enable_packed_attention(model, device="cuda") == VARLEN_ATTENTION

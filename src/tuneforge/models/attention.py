@@ -272,13 +272,15 @@ def check_packed_isolation(model: Any, tolerance: float = 0.1) -> float:
     return gap
 
 
-def enable_packed_attention(model: Any, *, verify: bool = True) -> str:
-    """Set the attention implementation that isolates packed examples on this model's device.
+def enable_packed_attention(model: Any, *, device: Any = None, verify: bool = True) -> str:
+    """Set the attention implementation that isolates packed examples on the training device.
 
     `tuneforge_varlen` on CUDA (torch >= 2.10); elsewhere the model's `sdpa` or `eager`.
 
     Args:
         model: a loaded transformers model (before PEFT wrapping is simplest).
+        device: where training will run; defaults to where the model's weights are now (models
+            are loaded on the CPU and moved by the Trainer, so the recipe passes it).
         verify: run `check_packed_isolation` on the model (skip where a forward pass is not
             possible yet, e.g. parameters sharded by ZeRO-3 before the Trainer starts).
 
@@ -298,7 +300,7 @@ def enable_packed_attention(model: Any, *, verify: bool = True) -> str:
             where="model.attn_implementation",
             hint="unset model.attn_implementation or set it to sdpa, or set data.packing: false",
         )
-    device = next(model.parameters()).device
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     dropout = getattr(model.config.get_text_config(), "attention_dropout", 0.0) or 0.0
     if device.type == "cuda" and varlen_available() and dropout == 0.0:
         wanted = register_varlen_attention()

@@ -217,7 +217,7 @@ def train(
     args = _build_training_arguments(config, run_dir)
     model = load_model(config.model)
     if config.data.packing:
-        _say(f"packed batches use attention implementation '{enable_packed_attention(model)}'")
+        _say(f"packed batches use attention implementation '{enable_packed_attention(model, device=args.device)}'")
     base_dir = None
     if config.model.init == "random" and isinstance(config.method, LoraMethod):
         # Random base weights exist nowhere else: keep them so the adapter stays usable.

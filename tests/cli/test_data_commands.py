@@ -1,0 +1,35 @@
+import re
+from pathlib import Path
+
+from tuneforge.cli.main import main
+from tuneforge.data.preview import MASK_CLOSE, MASK_OPEN, length_histogram, render_example
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_render_example_marks_untrained_spans(tokenizer):
+    ids = tokenizer("Q: hi A: yo")["input_ids"]
+    split = len(tokenizer("Q: hi A:")["input_ids"])
+    labels = [-100] * split + ids[split:]
+    text = render_example(tokenizer, ids, labels, color=False)
+    assert text == f"{MASK_OPEN}<s>Q: hi A:{MASK_CLOSE} yo"
+    colored = render_example(tokenizer, ids, labels, color=True)
+    assert "\033[90m" in colored and "\033[32m yo" in colored
+
+
+def test_length_histogram_counts_everything():
+    lines = length_histogram([1, 2, 2, 9, 10], bins=3)
+    assert sum(int(line.split()[1]) for line in lines) == 5
+
+
+def test_preview_and_preprocess_on_the_quickstart(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(ROOT)
+    assert main(["data", "preview", "examples/quickstart.yaml", "--count", "2", "--color", "never"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("--- example") == 2
+    assert re.search(r"«<s>### Question:\nWrite [a-z ]+ in digits\.\n\n### Answer:\n»\d+</s>", out)
+    assert "train.jsonl: 850 rows -> 850 examples" in out
+    assert "length histogram" in out
+    assert main(["preprocess", "examples/quickstart.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "already cached:" in out and "reusing tokenised data from cache" in out
