@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tuneforge.cli.config_arguments import add_config_arguments
+
 HELP = "inspect the training data as tuneforge tokenises it (sub-command: preview)"
 EXAMPLE = "tuneforge data preview examples/quickstart.yaml --count 3"
 
@@ -12,8 +14,7 @@ EXAMPLE = "tuneforge data preview examples/quickstart.yaml --count 3"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_verb", metavar="preview", required=True)
     preview = sub.add_parser("preview", help="print tokenised examples and statistics")
-    preview.add_argument("config", help="YAML config file")
-    preview.add_argument("overrides", nargs="*", help="section.key=value, applied after the file")
+    add_config_arguments(preview)
     preview.add_argument("--count", type=int, default=3, help="examples to print")
     preview.add_argument(
         "--color", choices=["auto", "always", "never"], default="auto",

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from tuneforge.cli.config_arguments import add_config_arguments
+
 HELP = "fine-tune a model as a YAML config says (overrides: section.key=value)"
 EXAMPLE = "tuneforge train examples/quickstart.yaml train.learning_rate=1e-3 output.dir=runs/try2"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML config file")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, applied after the file")
+    add_config_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

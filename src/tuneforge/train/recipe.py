@@ -8,9 +8,7 @@ YAML -> Config -> tokenizer + datasets -> model + method -> Trainer -> model/, m
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ from tuneforge.models.generation import generate_texts
 from tuneforge.models.attention import enable_packed_attention
 from tuneforge.models.loading import load_model, load_tokenizer
 from tuneforge.train.callbacks import MetricsLogger, TrainingProgress
+from tuneforge.train.summary import RunResult, print_summary, write_summary
 from tuneforge.train.run_dir import (
     checkpoint_step,
     find_resume_checkpoint,
@@ -42,28 +41,6 @@ from tuneforge.train.run_dir import (
     write_run_metadata,
 )
 
-
-
-@dataclass
-class RunResult:
-    """What a finished run produced and measured."""
-
-    run_dir: Path
-    model_dir: Path
-    global_step: int
-    train_loss: float | None
-    eval_loss_before: float | None
-    eval_loss_after: float | None
-    train_seconds: float
-    tokens_seen: int
-    parameters: ParameterCounts
-    resumed_from: str | None = None
-    peak_gpu_memory_gib: float | None = None
-    samples: list[dict[str, str]] = field(default_factory=list)
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.tokens_seen / self.train_seconds if self.train_seconds > 0 else 0.0
 
 
 def _say(message: str) -> None:
@@ -187,6 +164,69 @@ def _check_data(config: Config, datasets: Datasets) -> None:
         )
 
 
+def _setup_model(
+    config: Config, args: transformers.TrainingArguments, tokenizer: Any, run_dir: Path
+) -> tuple[Any, ParameterCounts, Path | None]:
+    """Load the model, pick packed attention, keep random base weights, apply the method."""
+    model = load_model(config.model)
+    if config.data.packing:
+        _say(f"packed batches use attention implementation '{enable_packed_attention(model, device=args.device)}'")
+    base_dir = None
+    if config.model.init == "random" and isinstance(config.method, LoraMethod):
+        # Random base weights exist nowhere else: keep them so the adapter stays usable.
+        base_dir = run_dir / "base"
+        if not base_dir.exists():
+            model.save_pretrained(str(base_dir))
+            tokenizer.save_pretrained(str(base_dir))
+    model, counts = prepare_model(config.method, model)
+    _attach_input_grads_for_checkpointing(model, args)
+    _say(f"method {config.method.name}: {counts.describe()}")
+    return model, counts, base_dir
+
+
+def _build_trainer(
+    config: Config, args: transformers.TrainingArguments, model: Any, tokenizer: Any,
+    datasets: Datasets, callbacks: list[TrainerCallback],
+) -> Trainer:
+    collator = (
+        PackedCollator()
+        if config.data.packing
+        else DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.train,
+        eval_dataset=datasets.eval,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    # TrainingProgress replaces transformers' bar and its printed log dicts.
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def _fit(trainer: Trainer, resume: str | None, has_eval: bool) -> dict[str, Any]:
+    """Evaluate, train, evaluate; measure time and peak GPU memory."""
+    eval_before = None
+    if has_eval and resume is None:
+        eval_before = trainer.evaluate()["eval_loss"]
+        _say(f"eval loss before training: {eval_before:.4f}")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=resume)
+    return {
+        "train_seconds": time.perf_counter() - started,
+        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        "train_loss": output.training_loss,
+        "eval_loss_before": eval_before,
+        "eval_loss_after": trainer.evaluate()["eval_loss"] if has_eval else None,
+    }
+
+
 def train(
     config: str | Path | dict[str, Any] | Config,
     overrides: list[str] | None = None,
@@ -215,114 +255,36 @@ def train(
     _check_data(config, datasets)
 
     args = _build_training_arguments(config, run_dir)
-    model = load_model(config.model)
-    if config.data.packing:
-        _say(f"packed batches use attention implementation '{enable_packed_attention(model, device=args.device)}'")
-    base_dir = None
-    if config.model.init == "random" and isinstance(config.method, LoraMethod):
-        # Random base weights exist nowhere else: keep them so the adapter stays usable.
-        base_dir = run_dir / "base"
-        if not base_dir.exists():
-            model.save_pretrained(str(base_dir))
-            tokenizer.save_pretrained(str(base_dir))
-    model, counts = prepare_model(config.method, model)
-    _attach_input_grads_for_checkpointing(model, args)
-    _say(f"method {config.method.name}: {counts.describe()}")
-
+    model, counts, base_dir = _setup_model(config, args, tokenizer, run_dir)
     metrics_path = run_dir / "metrics.jsonl"
-    metrics_logger = MetricsLogger(metrics_path)
     if resume is not None:
         trim_metrics(metrics_path, checkpoint_step(resume))
         _say(f"resuming from {resume}")
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=datasets.train,
-        eval_dataset=datasets.eval,
-        data_collator=(
-            PackedCollator()
-            if config.data.packing
-            else DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
-        ),
-        processing_class=tokenizer,
-        callbacks=[metrics_logger, TrainingProgress(), *(callbacks or [])],
+    metrics_logger = MetricsLogger(metrics_path)
+    trainer = _build_trainer(
+        config, args, model, tokenizer, datasets, [metrics_logger, TrainingProgress(), *(callbacks or [])]
     )
-    # TrainingProgress replaces transformers' bar and its printed log dicts.
-    trainer.remove_callback(ProgressCallback)
-    trainer.remove_callback(PrinterCallback)
-
-    eval_before = None
-    if datasets.eval is not None and resume is None:
-        eval_before = trainer.evaluate()["eval_loss"]
-        _say(f"eval loss before training: {eval_before:.4f}")
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=resume)
-    seconds = time.perf_counter() - started
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    eval_after = trainer.evaluate()["eval_loss"] if datasets.eval is not None else None
+    measured = _fit(trainer, resume, datasets.eval is not None)
 
     model_dir = _save_final(config, trainer, tokenizer, datasets, run_dir, base_dir)
-    samples = _show_samples(config, trainer.model, tokenizer, datasets.template)
     result = RunResult(
         run_dir=run_dir,
         model_dir=model_dir,
         global_step=trainer.state.global_step,
-        train_loss=output.training_loss,
-        eval_loss_before=eval_before,
-        eval_loss_after=eval_after,
-        train_seconds=seconds,
         tokens_seen=trainer.state.num_input_tokens_seen - metrics_logger.tokens_at_start,
         parameters=counts,
         resumed_from=resume,
-        peak_gpu_memory_gib=peak,
-        samples=samples,
+        samples=_show_samples(config, trainer.model, tokenizer, datasets.template),
+        **measured,
     )
-    _write_summary(result)
-    _print_summary(result)
+    write_summary(result)
+    print_summary(result)
     if config.model.init == "random":
         _say(
             "note: this was a randomly initialised demonstration model, not a real one. To fine-tune "
-            f"a real model, change one line: model.path=<hub id or directory> model.init=pretrained"
+            "a real model, change one line: model.path=<hub id or directory> model.init=pretrained"
         )
     return result
-
-
-def _write_summary(result: RunResult) -> None:
-    summary = {
-        "global_step": result.global_step,
-        "train_loss": result.train_loss,
-        "eval_loss_before": result.eval_loss_before,
-        "eval_loss_after": result.eval_loss_after,
-        "train_seconds": round(result.train_seconds, 3),
-        "tokens_seen": result.tokens_seen,
-        "tokens_per_second": round(result.tokens_per_second, 1),
-        "peak_gpu_memory_gib": result.peak_gpu_memory_gib,
-        "trainable_parameters": result.parameters.trainable,
-        "total_parameters": result.parameters.total,
-        "resumed_from": result.resumed_from,
-    }
-    (result.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-
-
-def _print_summary(result: RunResult) -> None:
-    lines = [
-        f"steps: {result.global_step}"
-        + (f" (resumed from {result.resumed_from})" if result.resumed_from else ""),
-        f"time: {result.train_seconds:.1f} s, {result.tokens_seen:,} tokens, "
-        f"{result.tokens_per_second:,.0f} tokens/s",
-    ]
-    if result.peak_gpu_memory_gib is not None:
-        lines.append(f"peak GPU memory: {result.peak_gpu_memory_gib:.1f} GiB")
-    if result.train_loss is not None:
-        lines.append(f"train loss (mean): {result.train_loss:.4f}")
-    if result.eval_loss_after is not None:
-        before = f"{result.eval_loss_before:.4f} -> " if result.eval_loss_before is not None else ""
-        lines.append(f"eval loss: {before}{result.eval_loss_after:.4f}")
-    lines.append(f"model: {result.model_dir}")
-    lines.append(f"metrics: {result.run_dir / 'metrics.jsonl'}, {result.run_dir / 'summary.json'}")
-    _say("run summary\n  " + "\n  ".join(lines))
 
 
 __all__ = ["RunResult", "train"]
