@@ -153,7 +153,7 @@ def test_bad_override_is_located_on_the_command_line(base_file):
 
 def test_freeze_needs_patterns(tmp_path):
     path = write(tmp_path, BASE + "method:\n  name: freeze\n")
-    with pytest.raises(ConfigError, match="needs 'trainable' and/or 'frozen'"):
+    with pytest.raises(ConfigError, match="needs 'trainable'/'frozen' patterns or a preset"):
         load_config(path)
 
 

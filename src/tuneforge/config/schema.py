@@ -64,6 +64,25 @@ class ModelConfig(Section):
         description="`_target_` of a callable that returns the model (your own class); "
         "called with its keyword arguments instead of the Auto classes.",
     )
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        "none",
+        description="Load the frozen base weights quantized through bitsandbytes (needs CUDA): "
+        "`4bit` is NF4 with double quantization and bf16 compute (QLoRA), `8bit` is LLM.int8. "
+        "Only adapters train on a quantized base (method lora).",
+    )
+    new_special_tokens: list[str] = Field(
+        default_factory=list,
+        description="Tokens added to the tokenizer as special tokens; the embeddings are resized "
+        "and the new rows train (with LoRA they are saved with the adapter).",
+    )
+    moe_aux_loss: bool = Field(
+        True,
+        description="Mixture-of-experts models: add the router load-balancing loss to the "
+        "training loss and log it as `aux_loss`.",
+    )
+    moe_aux_loss_coef: float | None = Field(
+        None, ge=0, description="Its coefficient; the model config's `router_aux_loss_coef` when unset."
+    )
 
 
 BUILTIN_TEMPLATES = ("auto", "tokenizer", "qa", "alpaca", "chatml", "llama-3", "plain")
@@ -246,13 +265,21 @@ class FreezeMethod(Section):
     frozen: list[str] = Field(
         default_factory=list,
         description="Regular expressions; matching parameters are frozen (applied after "
-        "`trainable`). heron's `keys_to_freeze`.",
+        "`trainable` and the presets). heron's `keys_to_freeze`.",
     )
+    last_layers: int | None = Field(
+        None, gt=0, description="Preset: also train the last N decoder layers."
+    )
+    embeddings: bool = Field(False, description="Preset: also train the input embeddings.")
+    output_head: bool = Field(False, description="Preset: also train the output head (`lm_head`).")
 
     @model_validator(mode="after")
     def _some_pattern(self) -> FreezeMethod:
-        if not self.trainable and not self.frozen:
-            raise ValueError("method 'freeze' needs 'trainable' and/or 'frozen' patterns")
+        if not (self.trainable or self.frozen or self.last_layers or self.embeddings or self.output_head):
+            raise ValueError(
+                "method 'freeze' needs 'trainable'/'frozen' patterns or a preset "
+                "(last_layers, embeddings, output_head)"
+            )
         return self
 
 
@@ -269,6 +296,16 @@ class LoraMethod(Section):
     modules_to_save: list[str] = Field(
         default_factory=list,
         description="Modules trained in full and saved with the adapter (e.g. `lm_head`).",
+    )
+    use_dora: bool = Field(False, description="DoRA: weight-decomposed low-rank adaptation.")
+    use_rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(r) instead of alpha / r.")
+    rank_pattern: dict[str, int] = Field(
+        default_factory=dict,
+        description="Per-module ranks: a regular expression matched at the end of module names "
+        "-> r, e.g. `{down_proj: 8}` or `{'layers\\.0\\..*': 4}`.",
+    )
+    alpha_pattern: dict[str, float] = Field(
+        default_factory=dict, description="Per-module alphas: regular expression -> lora_alpha."
     )
     merge: bool = Field(
         False, description="Also save the adapter merged into the base weights (`merged/`)."
@@ -316,3 +353,12 @@ class Config(Section):
         "installed transformers).",
     )
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
+
+    @model_validator(mode="after")
+    def _supported_combination(self) -> Config:
+        if self.model.quantization != "none" and not isinstance(self.method, LoraMethod):
+            raise ValueError(
+                f"a {self.model.quantization} quantized base cannot be trained with method "
+                f"'{self.method.name}': only adapters train on quantized weights; use method.name: lora"
+            )
+        return self

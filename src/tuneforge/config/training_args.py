@@ -8,9 +8,12 @@ that release is accepted with its own type and help text, and a typo fails with 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import enum
+import typing
 from typing import Any
 
-from pydantic import Field, TypeAdapter, create_model
+from pydantic import Field, TypeAdapter, create_model, field_validator
 from pydantic.errors import PydanticSchemaGenerationError
 from transformers import TrainingArguments
 
@@ -31,8 +34,28 @@ def _field_type(annotation: Any) -> Any:
     return annotation
 
 
+def _enum_choices(annotation: Any) -> list[str] | None:
+    """The allowed strings of a field typed `SomeEnum | str` (optimizers, schedulers, strategies)."""
+    for arg in typing.get_args(annotation) or (annotation,):
+        if isinstance(arg, type) and issubclass(arg, enum.Enum):
+            return [str(member.value) for member in arg]
+    return None
+
+
+def _choice_validator(name: str, choices: list[str]) -> Any:
+    def check(value: Any) -> Any:
+        if isinstance(value, str) and value not in choices:
+            close = difflib.get_close_matches(value, choices, n=1, cutoff=0.6)
+            suggestion = f"; did you mean '{close[0]}'?" if close else ""
+            raise ValueError(f"'{value}' is not one of: {', '.join(choices)}{suggestion}")
+        return value
+
+    return field_validator(name)(check)
+
+
 def _build_train_section() -> type[Section]:
     fields: dict[str, Any] = {}
+    validators: dict[str, Any] = {}
     for field in dataclasses.fields(TrainingArguments):
         if field.name in EXCLUDED_FIELDS or not field.init or field.name.startswith("_"):
             continue
@@ -46,10 +69,15 @@ def _build_train_section() -> type[Section]:
             default = None
         help_text = field.metadata.get("help", "") if field.metadata else ""
         fields[field.name] = (_field_type(field.type), Field(default, description=help_text))
+        choices = _enum_choices(field.type)
+        if choices:
+            # An invalid optimizer or scheduler name fails when the config loads, not at step 0.
+            validators[f"_check_{field.name}"] = _choice_validator(field.name, choices)
     return create_model(
         "TrainSection",
         __base__=Section,
         __doc__="Any transformers.TrainingArguments field.",
+        __validators__=validators,
         **fields,
     )
 

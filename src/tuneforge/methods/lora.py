@@ -3,13 +3,35 @@
 from __future__ import annotations
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
 from tuneforge.config.schema import LoraMethod
 from tuneforge.errors import MethodError
 
 
-def build_lora_config(method: LoraMethod) -> LoraConfig:
+def _module_name(model: torch.nn.Module, module: torch.nn.Module | None) -> str | None:
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name.rsplit(".", 1)[-1]
+    return None
+
+
+def trainable_token_targets(model: torch.nn.Module, token_ids: list[int]) -> dict[str, list[int]]:
+    """Embedding modules whose rows for `token_ids` must train: the input embeddings, and the
+    output head too when it is not tied to them (or the new tokens could never be predicted)."""
+    targets = {}
+    embeddings = _module_name(model, model.get_input_embeddings())
+    if embeddings:
+        targets[embeddings] = list(token_ids)
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    head_name = _module_name(model, head)
+    if head_name and not tied:
+        targets[head_name] = list(token_ids)
+    return targets
+
+
+def build_lora_config(method: LoraMethod, trainable_tokens: dict[str, list[int]] | None = None) -> LoraConfig:
     return LoraConfig(
         r=method.r,
         lora_alpha=method.lora_alpha,
@@ -17,13 +39,29 @@ def build_lora_config(method: LoraMethod) -> LoraConfig:
         target_modules=method.target_modules,
         bias=method.bias,
         modules_to_save=method.modules_to_save or None,
+        use_dora=method.use_dora,
+        use_rslora=method.use_rslora,
+        rank_pattern=dict(method.rank_pattern),
+        alpha_pattern=dict(method.alpha_pattern),
+        # New tokens' embedding rows train and are saved with the adapter, not the whole matrix.
+        trainable_token_indices=trainable_tokens or None,
         task_type="CAUSAL_LM",
     )
 
 
-def apply_lora(method: LoraMethod, model: torch.nn.Module) -> torch.nn.Module:
+def apply_lora(
+    method: LoraMethod,
+    model: torch.nn.Module,
+    *,
+    new_token_ids: list[int] | None = None,
+    gradient_checkpointing: bool = False,
+) -> torch.nn.Module:
+    if getattr(model, "is_quantized", False):
+        # QLoRA: norms to fp32, inputs require grad, checkpointing set up for k-bit layers.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     try:
-        return get_peft_model(model, build_lora_config(method))
+        tokens = trainable_token_targets(model, new_token_ids) if new_token_ids else None
+        return get_peft_model(model, build_lora_config(method, tokens))
     except ValueError as exc:
         linear = sorted(
             {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -35,4 +73,4 @@ def apply_lora(method: LoraMethod, model: torch.nn.Module) -> torch.nn.Module:
         ) from None
 
 
-__all__ = ["apply_lora", "build_lora_config"]
+__all__ = ["apply_lora", "build_lora_config", "trainable_token_targets"]

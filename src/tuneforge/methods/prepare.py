@@ -35,9 +35,19 @@ def count_parameters(model: torch.nn.Module) -> ParameterCounts:
 
 
 def prepare_model(
-    method: FullMethod | FreezeMethod | LoraMethod, model: torch.nn.Module
+    method: FullMethod | FreezeMethod | LoraMethod,
+    model: torch.nn.Module,
+    *,
+    new_token_ids: list[int] | None = None,
+    gradient_checkpointing: bool = False,
 ) -> tuple[torch.nn.Module, ParameterCounts]:
     """Apply the method and check that something will train.
+
+    Args:
+        method: the `method` config section.
+        model: the loaded model.
+        new_token_ids: ids of added tokens whose embedding rows must train.
+        gradient_checkpointing: whether the Trainer will checkpoint (k-bit preparation needs it).
 
     Raises:
         MethodError: the method leaves no trainable parameter.
@@ -46,8 +56,12 @@ def prepare_model(
         model.requires_grad_(True)
     elif isinstance(method, FreezeMethod):
         model = apply_freeze(method, model)
+        if new_token_ids:
+            model.get_input_embeddings().weight.requires_grad_(True)
     else:
-        model = apply_lora(method, model)
+        model = apply_lora(
+            method, model, new_token_ids=new_token_ids, gradient_checkpointing=gradient_checkpointing
+        )
     counts = count_parameters(model)
     if counts.trainable == 0:
         raise MethodError(

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PretrainedConfig
 
 from tuneforge.config.schema import ModelConfig
 from tuneforge.config.targets import instantiate
@@ -66,10 +66,58 @@ def check_remote_code(config: ModelConfig) -> None:
         )
 
 
+def check_quantization_support(config: ModelConfig) -> None:
+    """Fail before anything is loaded when quantized loading cannot work here."""
+    if config.quantization == "none":
+        return
+    if not torch.cuda.is_available():
+        raise ModelError(
+            f"{config.quantization} loading runs on CUDA GPUs (bitsandbytes), and this machine has none",
+            where=f"model.quantization={config.quantization}",
+            hint="set model.quantization: none (LoRA in bf16/fp32), or run on a GPU machine",
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelError(
+            "bitsandbytes is not installed",
+            where=f"model.quantization={config.quantization}",
+            hint='pip install "tuneforge[gpu]"',
+        ) from None
+
+
+def quantization_config(config: ModelConfig) -> BitsAndBytesConfig | None:
+    if config.quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    if config.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def _configure_moe(model_config: PretrainedConfig, config: ModelConfig) -> None:
+    """MoE models add the router load-balancing loss only when asked to return router logits."""
+    text_config = model_config.get_text_config()
+    if not hasattr(text_config, "output_router_logits"):
+        return
+    text_config.output_router_logits = config.moe_aux_loss
+    if config.moe_aux_loss_coef is not None:
+        text_config.router_aux_loss_coef = config.moe_aux_loss_coef
+
+
+def is_moe(model: torch.nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return config is not None and hasattr(config.get_text_config(), "output_router_logits")
+
+
 def load_model_config(config: ModelConfig) -> PretrainedConfig:
     check_remote_code(config)
     try:
-        return AutoConfig.from_pretrained(
+        model_config = AutoConfig.from_pretrained(
             config.path,
             revision=config.revision,
             trust_remote_code=config.trust_remote_code,
@@ -82,6 +130,8 @@ def load_model_config(config: ModelConfig) -> PretrainedConfig:
             hint="this transformers release may not know the architecture: upgrade "
             "transformers, or set trust_remote_code for checkpoints that ship code",
         ) from None
+    _configure_moe(model_config, config)
+    return model_config
 
 
 def load_model(config: ModelConfig) -> torch.nn.Module:
@@ -94,9 +144,19 @@ def load_model(config: ModelConfig) -> torch.nn.Module:
                 where="model.builder",
             )
         return model
+    check_quantization_support(config)
     model_config = load_model_config(config)
     dtype = resolve_dtype(config)
     extra: dict[str, Any] = {}
+    if config.quantization != "none":
+        if config.init == "random":
+            raise ModelError(
+                "quantized loading needs saved weights; random init builds them in memory",
+                where="model.init=random",
+                hint="save the random model first (save_pretrained), then load it with init: pretrained",
+            )
+        extra["quantization_config"] = quantization_config(config)
+        dtype = torch.bfloat16 if dtype == "auto" else dtype
     if config.attn_implementation is not None:
         extra["attn_implementation"] = config.attn_implementation
     try:
@@ -142,8 +202,31 @@ def load_tokenizer(config: ModelConfig) -> Any:
             )
         tokenizer.pad_token = fallback
         logger.info("tokenizer has no pad token; padding with %r (masked by position)", fallback)
+    if config.new_special_tokens:
+        tokenizer.add_special_tokens({"additional_special_tokens": config.new_special_tokens})
     tokenizer.padding_side = "right"
     return tokenizer
 
 
-__all__ = ["check_remote_code", "load_model", "load_model_config", "load_tokenizer", "resolve_dtype"]
+def add_new_token_rows(model: torch.nn.Module, tokenizer: Any, config: ModelConfig) -> list[int]:
+    """Resize the embeddings for `new_special_tokens`; returns the ids whose rows must train."""
+    if not config.new_special_tokens:
+        return []
+    ids = tokenizer.convert_tokens_to_ids(config.new_special_tokens)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        # Mean of the old rows: new tokens start as an "average" token, not as noise.
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    return list(ids)
+
+
+__all__ = [
+    "add_new_token_rows",
+    "check_quantization_support",
+    "check_remote_code",
+    "is_moe",
+    "load_model",
+    "load_model_config",
+    "load_tokenizer",
+    "quantization_config",
+    "resolve_dtype",
+]

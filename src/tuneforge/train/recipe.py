@@ -30,8 +30,9 @@ from tuneforge.errors import ConfigError
 from tuneforge.methods.prepare import ParameterCounts, prepare_model
 from tuneforge.models.generation import generate_texts
 from tuneforge.models.attention import enable_packed_attention
-from tuneforge.models.loading import load_model, load_tokenizer
+from tuneforge.models.loading import add_new_token_rows, check_quantization_support, load_model, load_tokenizer
 from tuneforge.train.callbacks import MetricsLogger, TrainingProgress
+from tuneforge.train.trainer import TuneforgeTrainer
 from tuneforge.train.summary import RunResult, print_summary, write_summary
 from tuneforge.train.run_dir import (
     checkpoint_step,
@@ -169,6 +170,7 @@ def _setup_model(
 ) -> tuple[Any, ParameterCounts, Path | None]:
     """Load the model, pick packed attention, keep random base weights, apply the method."""
     model = load_model(config.model)
+    new_token_ids = add_new_token_rows(model, tokenizer, config.model)
     if config.data.packing:
         _say(f"packed batches use attention implementation '{enable_packed_attention(model, device=args.device)}'")
     base_dir = None
@@ -178,7 +180,9 @@ def _setup_model(
         if not base_dir.exists():
             model.save_pretrained(str(base_dir))
             tokenizer.save_pretrained(str(base_dir))
-    model, counts = prepare_model(config.method, model)
+    model, counts = prepare_model(
+        config.method, model, new_token_ids=new_token_ids, gradient_checkpointing=bool(args.gradient_checkpointing)
+    )
     _attach_input_grads_for_checkpointing(model, args)
     _say(f"method {config.method.name}: {counts.describe()}")
     return model, counts, base_dir
@@ -193,7 +197,7 @@ def _build_trainer(
         if config.data.packing
         else DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
     )
-    trainer = Trainer(
+    trainer = TuneforgeTrainer(
         model=model,
         args=args,
         train_dataset=datasets.train,
@@ -240,6 +244,7 @@ def train(
         callbacks: extra `TrainerCallback`s (tests and integrations).
     """
     config = load_config(config, overrides)
+    check_quantization_support(config.model)  # before anything is written or loaded
     run_dir = prepare_run_dir(config.output)
     resume = find_resume_checkpoint(config.output, run_dir)
     resolved = dump_config(config)
