@@ -249,11 +249,31 @@ class DataConfig(Section):
     )
 
 
-class FullMethod(Section):
+class QatSettings(Section):
+    weights: Literal["int4", "int8"] = Field("int4", description="Weight precision simulated in training.")
+    activations: Literal["int8", "none"] = Field(
+        "int8", description="Activation precision simulated in training (dynamic, per token)."
+    )
+    group_size: int = Field(32, gt=0, description="Weights share one scale per group of this many values.")
+    convert: bool = Field(
+        True, description="At the end, convert the fake-quantized layers to real quantized ones (`quantized/`)."
+    )
+
+
+class QatOption(Section):
+    qat: QatSettings | None = Field(
+        None,
+        description="Quantization-aware training through torchao: linear layers (not the output "
+        "head) train with fake-quantized weights and activations, so the model keeps its "
+        "accuracy when quantized for serving.",
+    )
+
+
+class FullMethod(QatOption):
     name: Literal["full"] = Field("full", description="Train every parameter.")
 
 
-class FreezeMethod(Section):
+class FreezeMethod(QatOption):
     name: Literal["freeze"] = Field(
         "freeze", description="Train only some parameters, chosen by name patterns."
     )

@@ -13,6 +13,7 @@ from tuneforge.config.schema import FreezeMethod, FullMethod, LoraMethod
 from tuneforge.errors import MethodError
 from tuneforge.methods.freeze import apply_freeze
 from tuneforge.methods.lora import apply_lora
+from tuneforge.methods.qat import prepare_qat
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ def prepare_model(
         model = apply_lora(
             method, model, new_token_ids=new_token_ids, gradient_checkpointing=gradient_checkpointing
         )
+    if not isinstance(method, LoraMethod) and method.qat is not None:
+        model = prepare_qat(model, method.qat)
     counts = count_parameters(model)
     if counts.trainable == 0:
         raise MethodError(

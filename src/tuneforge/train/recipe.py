@@ -27,6 +27,7 @@ from tuneforge.data.sources import read_rows
 from tuneforge.data.templates import Template, encode_generation_prompt, template_to_metadata
 from tuneforge.data.tokenize import IGNORE_INDEX
 from tuneforge.errors import ConfigError
+from tuneforge.methods.qat import save_quantized
 from tuneforge.methods.prepare import ParameterCounts, prepare_model
 from tuneforge.models.generation import generate_texts
 from tuneforge.models.attention import enable_packed_attention
@@ -97,6 +98,12 @@ def _save_final(
         template=template,
         trust_remote_code=config.model.trust_remote_code,
     )
+    qat = getattr(config.method, "qat", None)
+    if qat is not None and qat.convert:
+        quantized_dir = run_dir / "quantized"
+        save_quantized(str(model_dir), str(quantized_dir), qat)
+        tokenizer.save_pretrained(str(quantized_dir))
+        _say(f"quantized weights ({qat.weights} weights, {qat.activations} activations) written to {quantized_dir}")
     if is_adapter and config.method.merge:  # type: ignore[union-attr]
         merged_dir = run_dir / "merged"
         merged = trainer.model.merge_and_unload()
