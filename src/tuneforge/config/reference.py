@@ -24,6 +24,7 @@ from tuneforge.config.schema import (
     LoraMethod,
     ModelConfig,
     OutputConfig,
+    QatSettings,
     SamplesConfig,
 )
 from tuneforge.config.training_args import TUNEFORGE_DEFAULTS
@@ -35,6 +36,7 @@ SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("method (name: full)", FullMethod, "Train every parameter."),
     ("method (name: freeze)", FreezeMethod, "Train only the parameters the patterns select."),
     ("method (name: lora)", LoraMethod, "LoRA adapters through peft."),
+    ("method.qat", QatSettings, "Quantization-aware training (methods full and freeze; needs torchao)."),
     ("output", OutputConfig, "Where results go."),
     ("output.samples", SamplesConfig, "Generations shown at the end of training."),
 ]

@@ -195,7 +195,10 @@ def probe_logits(model: torch.nn.Module, sequences: list[list[int]]) -> list[tor
 
 
 def max_gap(left: list[torch.Tensor], right: list[torch.Tensor]) -> float:
-    return max(float((a - b).abs().max()) for a, b in zip(left, right, strict=True))
+    """Largest |difference|; NaN counts as infinite, so an overflow can never pass a check."""
+    return max(
+        float(torch.nan_to_num((a - b).abs(), nan=float("inf")).max()) for a, b in zip(left, right, strict=True)
+    )
 
 
 def default_device() -> str:
@@ -425,7 +428,12 @@ def merge_run(
     reference = probe_logits(model, sequences)
     with model.disable_adapter():
         adapter_effect = max_gap(reference, probe_logits(model, sequences))
-    merged = model.merge_and_unload(safe_merge=True)
+    try:
+        merged = model.merge_and_unload(safe_merge=True)
+    except ValueError as exc:  # safe_merge found NaNs in a merged weight
+        raise MergeError(
+            str(exc).strip().splitlines()[0], where=str(adapter_dir), hint="merge in a wider dtype: --dtype float32"
+        ) from None
     del model
 
     with staged_output(out_dir) as staging:
