@@ -20,6 +20,12 @@ import torch
 import yaml
 
 SHAPES = {
+    # Llama-3.1-8B: 8.03B parameters.
+    "llama-8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+        rope_theta=500000.0, tie_word_embeddings=False,
+    ),
     # For a quick CPU smoke test of this script: --shape tiny --steps 2.
     "tiny": dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -65,6 +71,24 @@ def build_model_dir(shape: str, tokenizer_dir: Path, directory: Path) -> Path:
     return directory
 
 
+def save_random_weights(model_dir: Path) -> Path:
+    """Quantized loading reads saved weights: build the random model on the GPU and save it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    weights = model_dir.parent / f"{model_dir.name}-weights"
+    if not (weights / "config.json").exists():
+        torch.manual_seed(0)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir)), dtype=torch.bfloat16)
+        model.save_pretrained(str(weights), max_shard_size="5GB")
+        del model
+        torch.cuda.empty_cache()
+        for item in model_dir.iterdir():
+            if item.name.startswith("tokenizer") or item.name == "special_tokens_map.json":
+                (weights / item.name).write_bytes(item.read_bytes())
+    return weights
+
+
 def run_case(name: str, config: dict, work: Path) -> dict:
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -104,7 +128,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/tf-gpu"))
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b")
-    parser.add_argument("--cases", default="lora,jcqa", help="comma-separated: lora, jcqa")
+    parser.add_argument("--cases", default="lora,jcqa", help="comma-separated: lora, jcqa, qlora8b")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     data = args.data / "lamini_docs.jsonl"
@@ -153,10 +177,21 @@ def main() -> int:
     if not torch.cuda.is_available():
         for case in (jcqa_base, jcqa_packed):
             case["train"].update(bf16=False, dataloader_num_workers=0, max_steps=3)
+    padded: dict = {}
+    packed: dict = {}
     if "jcqa" in cases:
-        results.append(run_case(f"jcqa-lora-{args.shape}-padded-mb64", jcqa_base, args.work))
-        results.append(run_case(f"jcqa-lora-{args.shape}-packed-4x2048", jcqa_packed, args.work))
-    padded, packed = (results[-2], results[-1]) if "jcqa" in cases else ({}, {})
+        padded = run_case(f"jcqa-lora-{args.shape}-padded-mb64", jcqa_base, args.work)
+        packed = run_case(f"jcqa-lora-{args.shape}-packed-4x2048", jcqa_packed, args.work)
+        results += [padded, packed]
+    if "qlora8b" in cases:
+        # QLoRA (NF4, double quantization, bf16 compute) on a Llama-3.1-8B shape, micro-batch 1,
+        # sequence 2048, gradient checkpointing.
+        weights = save_random_weights(build_model_dir("llama-8b", tokenizer_dir, args.work / "llama-8b"))
+        qlora = json.loads(json.dumps(lora_1b))
+        qlora["model"] = {"path": str(weights), "quantization": "4bit", "dtype": "bfloat16", "attn_implementation": "sdpa"}
+        qlora["train"].update(per_device_train_batch_size=1, gradient_checkpointing=True, max_steps=args.steps)
+        qlora["output"]["dir"] = str(args.work / "runs" / "qlora-8b")
+        results.append(run_case("qlora-nf4-llama-8b-seq2048-mb1-ckpt", qlora, args.work))
     if padded.get("tokens/s (median, after warm-up)") and packed.get("tokens/s (median, after warm-up)"):
         gain = packed["tokens/s (median, after warm-up)"] / padded["tokens/s (median, after warm-up)"]
         print(f"padding-free packing vs padded batches, real tokens/s: {gain:.2f}x")

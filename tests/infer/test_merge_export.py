@@ -165,12 +165,9 @@ def test_export_carries_a_new_terminator(chatml_run, tmp_path):
     assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=IndexError,
-    reason="infer/generate.load_for_inference does not resize the base for tokens added in training",
-)
 def test_load_for_inference_of_a_run_with_new_tokens(chatml_run):
-    load_for_inference(str(chatml_run), device="cpu")
+    loaded = load_for_inference(str(chatml_run), device="cpu")
+    assert loaded.model.get_input_embeddings().weight.shape[0] == len(loaded.tokenizer)
 
 
 def test_sharded_export_reloads_equal(merged_qa, tmp_path):

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from tuneforge.config.schema import FreezeMethod, FullMethod, LoraMethod
 from tuneforge.errors import MethodError
 from tuneforge.methods import prepare_model, select_trainable
-from tuneforge.train import train
+from tuneforge import train
 from tests.conftest import successor_rows, write_jsonl
 
 NAMES = [

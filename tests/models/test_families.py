@@ -20,14 +20,16 @@ from tuneforge.config.schema import LoraMethod, ModelConfig
 from tuneforge.methods.prepare import prepare_model
 from tuneforge.models.families import (
     FAMILIES,
-    FamilyResult,
     ModelFamily,
     build_tiny_model,
-    check_step_logs,
     default_lora_target_parameters,
     default_lora_targets,
-    describe_family,
     get_family,
+)
+from tuneforge.train.family_matrix import (
+    FamilyResult,
+    check_step_logs,
+    describe_family,
     lora_run_config,
     render_models_doc,
     save_tiny_checkpoint,
@@ -152,11 +154,6 @@ def test_tiny_configs_are_tiny_and_fit_the_test_tokenizer(tokenizer):
         pytest.param(
             family,
             id=family.model_type,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="models.loading.check_remote_code refuses any config.json with auto_map, although "
-                "transformers builds its own implementation of a known model_type when trust_remote_code is off",
-            ),
         )
         for family in FAMILIES
         if family.hub_auto_map
@@ -176,7 +173,7 @@ def test_hub_style_config_with_auto_map_loads_the_builtin_model(family: ModelFam
 def test_models_doc_is_current(described):
     current = (ROOT / "docs" / "models.md").read_text(encoding="utf-8")
     rendered = render_models_doc([described[family.name] for family in FAMILIES])
-    assert current == rendered, "regenerate: python -m tuneforge.models.families > docs/models.md"
+    assert current == rendered, "regenerate: python -m tuneforge.train.family_matrix > docs/models.md"
 
 
 def test_doc_shows_failures_and_counts():

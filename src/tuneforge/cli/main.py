@@ -12,11 +12,18 @@ import os
 import sys
 
 from tuneforge import __version__
-from tuneforge.cli import data, generate, preprocess, train
+from tuneforge.cli import data, export, generate, merge, preprocess, train
 from tuneforge.errors import TuneforgeError
 
 # verb -> module with `add_arguments(parser)` and `run(args) -> int`; the modules call the library.
-VERBS = {"train": train, "preprocess": preprocess, "data": data, "generate": generate}
+VERBS = {
+    "train": train,
+    "preprocess": preprocess,
+    "data": data,
+    "generate": generate,
+    "merge": merge,
+    "export": export,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tuneforge.train.recipe import train
+    from tuneforge import train
 
     train(args.config, overrides=args.overrides)
     return 0

@@ -48,6 +48,9 @@ def load_for_inference(model_or_run: str, *, trust_remote_code: bool = False, de
             from peft import PeftModel
 
             base = AutoModelForCausalLM.from_pretrained(metadata["base_model"], dtype="auto", trust_remote_code=trust)
+            if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
+                # Tokens added in training: the adapter holds their rows; make room for them.
+                base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
             model = PeftModel.from_pretrained(base, source)
         else:
             model = AutoModelForCausalLM.from_pretrained(source, dtype="auto", trust_remote_code=trust)

@@ -218,7 +218,7 @@ def threshold_for(dtype: str, max_logit_gap: float | None) -> float:
 
 @contextmanager
 def staged_output(out_dir: Path) -> Iterator[Path]:
-    """A hidden directory beside `out_dir`, renamed to it on success and deleted on failure.
+    """A staging directory beside `out_dir`, renamed to it on success and deleted on failure.
 
     A checkpoint that fails its check is never left where a user would load it from.
     """
@@ -267,11 +267,14 @@ def _auto_map_modules(directory: Path) -> set[str]:
 
 
 def copy_remote_code(out_dir: Path, sources: list[Path]) -> None:
-    """Copy the `.py` files of local source directories that the export does not have yet.
+    """For a checkpoint with its own code, copy the `.py` files of local source directories
+    that the export does not have yet (modules the `auto_map` ones import relatively too).
 
     Raises:
         MergeError: `auto_map` names a module file the export still lacks (it would not load).
     """
+    if not _auto_map_modules(out_dir):
+        return  # plain architecture: scripts lying beside the weights are not part of it
     for source in sources:
         for path in sorted(source.glob("*.py")) if source.is_dir() else []:
             if not (out_dir / path.name).exists():

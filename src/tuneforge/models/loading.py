@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PretrainedConfig
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PretrainedConfig
 
 from tuneforge.config.schema import ModelConfig
 from tuneforge.config.targets import instantiate
@@ -54,7 +54,9 @@ def check_remote_code(config: ModelConfig) -> None:
             hint="give a local directory with config.json, or a hub id (needs network or a "
             "filled Hugging Face cache)",
         ) from None
-    if "auto_map" in config_dict:
+    # Hub checkpoints often name their own code although transformers implements the
+    # model_type itself; without trust_remote_code transformers uses its own classes then.
+    if "auto_map" in config_dict and config_dict.get("model_type") not in CONFIG_MAPPING:
         files = _custom_code_files(config.path)
         listed = f" ({', '.join(files)})" if files else ""
         raise ModelError(

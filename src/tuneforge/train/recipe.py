@@ -90,7 +90,7 @@ def _save_final(
     trainer.save_model(str(model_dir))
     tokenizer.save_pretrained(str(model_dir))
     is_adapter = isinstance(config.method, LoraMethod)
-    base = str(base_dir) if base_dir is not None else config.model.path
+    base = str(base_dir.resolve()) if base_dir is not None else config.model.path
     write_run_metadata(
         model_dir,
         base_model=base if is_adapter else None,
@@ -104,20 +104,6 @@ def _save_final(
         save_quantized(str(model_dir), str(quantized_dir), qat)
         tokenizer.save_pretrained(str(quantized_dir))
         _say(f"quantized weights ({qat.weights} weights, {qat.activations} activations) written to {quantized_dir}")
-    if is_adapter and config.method.merge:  # type: ignore[union-attr]
-        merged_dir = run_dir / "merged"
-        merged = trainer.model.merge_and_unload()
-        merged.save_pretrained(str(merged_dir))
-        tokenizer.save_pretrained(str(merged_dir))
-        write_run_metadata(
-            merged_dir,
-            base_model=None,
-            adapter=False,
-            template=template,
-            trust_remote_code=config.model.trust_remote_code,
-        )
-        trainer.model = merged
-        _say(f"merged weights written to {merged_dir}")
     return model_dir
 
 
