@@ -103,3 +103,28 @@ def test_streaming_refuses_supervised_formats(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "qa.jsonl", successor_rows(3))
     with pytest.raises(DataError, match="streaming reads local text-format files only"):
         build_datasets(DataConfig(datasets=[qa_spec(path)], streaming=True), tokenizer, 0)
+
+
+def test_csv_row_with_extra_cells_is_skipped_and_counted(tmp_path, tokenizer):
+    path = tmp_path / "qa.csv"
+    path.write_text("question,answer\nafter 1,2\nbroken,3,extra\nafter 5,6\n", encoding="utf-8")
+    config = DataConfig(datasets=[qa_spec(path)], max_length=64, on_bad_rows="skip")
+    stats = build_datasets(config, tokenizer, 0, use_cache=False).stats[0]
+    assert (stats.rows, stats.examples, stats.bad_rows) == (3, 2, 1)  # every line counted once
+    assert "qa.csv:3: row has 3 cells" in stats.bad_reasons[0]
+
+
+def test_template_errors_name_the_dataset(tmp_path, tokenizer):
+    from tuneforge.errors import ConfigError
+
+    path = write_jsonl(tmp_path / "qa.jsonl", successor_rows(3))
+    spec = DatasetSpec(path=str(path), prompt_fields=["question"], response_field="answer", template="chatml")
+    with pytest.raises(ConfigError, match=r"data\.datasets\.0\.template=chatml"):
+        build_datasets(DataConfig(datasets=[spec]), tokenizer, 0, use_cache=False)
+
+
+def test_streaming_refuses_settings_it_cannot_apply(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "corpus.jsonl", [{"text": "a"}])
+    spec = DatasetSpec(path=str(path), format="text", max_rows=5)
+    with pytest.raises(DataError, match=r"cannot apply: data\.datasets\.0\.max_rows, data\.eval_split"):
+        build_datasets(DataConfig(datasets=[spec], streaming=True, eval_split=0.1), tokenizer, 0)

@@ -76,6 +76,19 @@ def test_packed_training_learns_and_reports_packing(tmp_path, tiny_model_dir, ca
     assert result.tokens_seen > 0
 
 
+def test_generation_uses_the_system_prompt_the_run_trained_with(tmp_path, tiny_model_dir):
+    from tuneforge.infer import encode_for_model
+
+    settings = config(tmp_path, tiny_model_dir, max_steps=1)
+    settings["data"]["datasets"][0].update(system_prompt="Count on.", template="qa")
+    train(settings)
+    loaded = load_for_inference(str(tmp_path / "run"))
+    with_system = loaded.tokenizer.decode(encode_for_model(loaded, "after 3"))
+    assert with_system.startswith("<s>Count on.") and "after 3" in with_system
+    replaced = loaded.tokenizer.decode(encode_for_model(loaded, "after 3", system_prompt="Other."))
+    assert replaced.startswith("<s>Other.")
+
+
 class CrashAt(TrainerCallback):
     """Simulates a crash after the given step (after that step's checkpoint, if any)."""
 

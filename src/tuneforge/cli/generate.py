@@ -16,6 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     source.add_argument("--prompts-file", type=Path, help="one prompt per line")
     parser.add_argument("--raw", action="store_true", help="do not apply the run's prompt template")
+    parser.add_argument("--system", help="system prompt (default: the one the run was trained with)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -45,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         loaded,
         prompts,
         raw=args.raw,
+        system_prompt=args.system,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,

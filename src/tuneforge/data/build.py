@@ -25,7 +25,7 @@ from tuneforge.data.sources import BadRows, Row, read_rows
 from tuneforge.data.streaming import stream_text_dataset
 from tuneforge.data.templates import Template, resolve_template
 from tuneforge.data.tokenize import IGNORE_INDEX, Example, encode_row, pack_documents
-from tuneforge.errors import DataError
+from tuneforge.errors import ConfigError, DataError
 
 SUPERVISED_FORMATS = ("instruction", "chat", "multiple_choice")
 
@@ -145,6 +145,7 @@ def tokenize_dataset(
         )
     bad_rows = BadRows(skip=on_bad_rows == "skip")
     rows = read_rows(spec, key, bad_rows)
+    read_failures = bad_rows.count
     if spec.format == "text":
         documents = []
         for row in rows:
@@ -156,6 +157,8 @@ def tokenize_dataset(
         stats = DatasetStats(name=spec.name, rows=len(rows))
     else:
         examples, stats = encode_rows_parallel(rows, spec, tokenizer, template, max_length, bad_rows, num_proc)
+    # Rows that could not even be read count as rows too: "6 rows -> 3 examples, 3 bad".
+    stats.rows += read_failures
     stats.bad_rows, stats.bad_reasons = bad_rows.count, bad_rows.reasons
     stats.examples = stats.used = len(examples)
     stats.lengths = [len(e.input_ids) for e in examples]
@@ -224,9 +227,16 @@ def to_dataset(examples: list[Example]) -> Dataset:
     )
 
 
-def _template_for(spec: DatasetSpec, first: Template, tokenizer: Any) -> Template:
+def _resolve(spec: DatasetSpec, tokenizer: Any, key: str) -> Template:
+    try:
+        return resolve_template(spec.template, tokenizer)
+    except ConfigError as error:
+        raise ConfigError(error.message, where=f"{key}.template={spec.template}", hint=error.hint) from None
+
+
+def _template_for(spec: DatasetSpec, first: Template, tokenizer: Any, key: str = "data.datasets") -> Template:
     # The run saves the first dataset's template for generation; others may differ on purpose.
-    return first if spec.template == first.name else resolve_template(spec.template, tokenizer)
+    return first if spec.template == first.name else _resolve(spec, tokenizer, key)
 
 
 def _tokenize_all(config: DataConfig, tokenizer: Any, template: Template, seed: int, batch_size: int) -> Datasets:
@@ -234,7 +244,7 @@ def _tokenize_all(config: DataConfig, tokenizer: Any, template: Template, seed: 
     eval_examples: list[Example] = []
     for index, spec in enumerate(config.datasets):
         examples, stat = tokenize_dataset(
-            spec, tokenizer, _template_for(spec, template, tokenizer), config.max_length,
+            spec, tokenizer, _template_for(spec, template, tokenizer, f"data.datasets.{index}"), config.max_length,
             f"data.datasets.{index}", config.on_bad_rows, config.num_proc,
         )
         if not config.eval_datasets:
@@ -248,7 +258,7 @@ def _tokenize_all(config: DataConfig, tokenizer: Any, template: Template, seed: 
     train_examples = [e for part in mixed for e in part]
     for index, spec in enumerate(config.eval_datasets):
         examples, stat = tokenize_dataset(
-            spec, tokenizer, _template_for(spec, template, tokenizer), config.max_length,
+            spec, tokenizer, _template_for(spec, template, tokenizer, f"data.eval_datasets.{index}"), config.max_length,
             f"data.eval_datasets.{index}", config.on_bad_rows, config.num_proc,
         )
         stat.name = f"{stat.name} (eval)"
@@ -275,7 +285,7 @@ def _streaming_datasets(config: DataConfig, tokenizer: Any, template: Template) 
     stats = []
     for index, spec in enumerate(config.eval_datasets):
         examples, stat = tokenize_dataset(
-            spec, tokenizer, _template_for(spec, template, tokenizer), config.max_length,
+            spec, tokenizer, _template_for(spec, template, tokenizer, f"data.eval_datasets.{index}"), config.max_length,
             f"data.eval_datasets.{index}", config.on_bad_rows,
         )
         eval_examples.extend(examples)
@@ -298,7 +308,7 @@ def build_datasets(
     examples are packed into rows (`batch_size` only sets the padded baseline that packing
     efficiency is compared with).
     """
-    template = resolve_template(config.datasets[0].template, tokenizer)
+    template = _resolve(config.datasets[0], tokenizer, "data.datasets.0")
     if config.streaming:
         return _streaming_datasets(config, tokenizer, template)
     cache = DataCache(config, tokenizer, seed) if use_cache else None

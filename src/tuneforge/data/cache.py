@@ -24,6 +24,8 @@ from tuneforge.data.sources import HF_PREFIX, read_rows, source_files
 
 # Settings that do not change the tokenised result.
 NOT_IN_KEY = {"num_proc", "cache_dir"}
+# Bumped whenever what an entry holds changes, so older entries are never misread.
+CACHE_FORMAT = 2
 
 
 def default_cache_root() -> Path:
@@ -66,7 +68,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 def cache_key(config: DataConfig, tokenizer: Any, seed: int) -> str:
     digest = hashlib.sha256()
     settings = config.model_dump(mode="json", by_alias=True, exclude=NOT_IN_KEY)
-    digest.update(json.dumps({"version": __version__, "seed": seed, "data": settings}, sort_keys=True).encode())
+    digest.update(json.dumps({"version": __version__, "format": CACHE_FORMAT, "seed": seed, "data": settings}, sort_keys=True).encode())
     digest.update(tokenizer_fingerprint(tokenizer).encode())
     for group in ("datasets", "eval_datasets"):
         for index, spec in enumerate(getattr(config, group)):

@@ -109,18 +109,21 @@ def _read_json_lines(path: Path, text: str, bad_rows: BadRows) -> list[Row]:
     return rows
 
 
-def _read_csv(path: Path, text: str) -> list[Row]:
+def _read_csv(path: Path, text: str, bad_rows: BadRows) -> list[Row]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
     rows = []
     for record in reader:
         # DictReader puts surplus cells under the key None: that is a malformed line.
         if None in record:
-            raise DataError(
-                f"row has {len(reader.fieldnames or []) + len(record[None])} cells but the header has "
-                f"{len(reader.fieldnames or [])}",
-                where=f"{path}:{reader.line_num}",
-                hint="quote cells that contain commas",
+            bad_rows.handle(
+                DataError(
+                    f"row has {len(reader.fieldnames or []) + len(record[None])} cells but the header has "
+                    f"{len(reader.fieldnames or [])}",
+                    where=f"{path}:{reader.line_num}",
+                    hint="quote cells that contain commas",
+                )
             )
+            continue
         rows.append(Row(dict(record), f"{path}:{reader.line_num}"))
     return rows
 
@@ -141,7 +144,7 @@ def read_file(path: Path, bad_rows: BadRows | None = None) -> list[Row]:
         return _read_parquet(path)
     text = _decode(path)
     if path.suffix == ".csv":
-        return _read_csv(path, text)
+        return _read_csv(path, text, bad_rows or BadRows())
     stripped = text.lstrip()
     if path.suffix == ".json" and stripped.startswith("["):
         try:

@@ -19,7 +19,7 @@ from tuneforge.errors import DataError
 
 def _iter_rows(spec: DatasetSpec) -> Iterator[Row]:
     for path in source_files(spec):
-        if path.suffix in (".jsonl", ".ndjson", ".json"):
+        if path.suffix in (".jsonl", ".ndjson"):
             yield from iter_json_lines(path)
         else:
             yield from read_file(path)
@@ -47,6 +47,22 @@ def stream_text_dataset(config: DataConfig, tokenizer: Any) -> IterableDataset:
             "streaming reads local text-format files only",
             where="data.streaming",
             hint=f"set format: text (not for: {', '.join(not_text)}) or turn streaming off",
+        )
+    unsupported = [
+        f"data.datasets.{i}.{key}"
+        for i, spec in enumerate(config.datasets)
+        for key in ("max_rows", "weight", "samples")
+        if getattr(spec, key) is not None
+    ]
+    if config.eval_split > 0:
+        unsupported.append("data.eval_split (use data.eval_datasets)")
+    if config.on_bad_rows == "skip":
+        unsupported.append("data.on_bad_rows: skip")
+    if unsupported:
+        raise DataError(
+            f"streaming reads each file once, in order; it cannot apply: {', '.join(unsupported)}",
+            where="data.streaming",
+            hint="remove those settings, or turn streaming off",
         )
     return IterableDataset.from_generator(
         _blocks, gen_kwargs={"specs": config.datasets, "tokenizer": tokenizer, "block_size": config.max_length}

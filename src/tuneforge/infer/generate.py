@@ -24,6 +24,7 @@ class LoadedModel:
     tokenizer: Any
     template: Template | None
     source: str
+    system_prompt: str | None = None
 
 
 def _model_dir(model_or_run: str) -> Path | None:
@@ -65,14 +66,18 @@ def load_for_inference(model_or_run: str, *, trust_remote_code: bool = False, de
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     template = template_from_metadata(metadata["template"]) if metadata.get("template") else None
-    return LoadedModel(model, tokenizer, template, source)
+    return LoadedModel(model, tokenizer, template, source, metadata.get("system_prompt"))
 
 
 def encode_for_model(loaded: LoadedModel, prompt: str, *, raw: bool = False, system_prompt: str | None = None) -> list[int]:
-    """Prompt ids as in training: the run's template around a user turn (unless `raw`)."""
+    """Prompt ids as in training: the run's template (and system prompt) around a user turn.
+
+    `raw` skips the template; `system_prompt` replaces the one the run was trained with.
+    """
     if raw or loaded.template is None:
         return list(loaded.tokenizer(prompt)["input_ids"])
-    return encode_prompt_for_generation(loaded.tokenizer, loaded.template, prompt, system_prompt)
+    system = system_prompt if system_prompt is not None else loaded.system_prompt
+    return encode_prompt_for_generation(loaded.tokenizer, loaded.template, prompt, system)
 
 
 def generate(

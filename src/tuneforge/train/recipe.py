@@ -96,6 +96,7 @@ def _save_final(
         base_model=base if is_adapter else None,
         adapter=is_adapter,
         template=template,
+        system_prompt=config.data.datasets[0].system_prompt,
         trust_remote_code=config.model.trust_remote_code,
     )
     qat = getattr(config.method, "qat", None)
