@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tuneforge.data.templates import Template, encode_prompt_for_generation, template_from_metadata
 from tuneforge.errors import ModelError
 from tuneforge.models.generation import generate_texts
+from tuneforge.models.loading import import_custom_model
 from tuneforge.train.run_dir import read_run_metadata
 
 
@@ -43,6 +44,8 @@ def load_for_inference(model_or_run: str, *, trust_remote_code: bool = False, de
     metadata = read_run_metadata(directory) if directory is not None else {}
     source = str(directory) if directory is not None else model_or_run
     trust = trust_remote_code or bool(metadata.get("trust_remote_code"))
+    if metadata.get("model_class"):
+        import_custom_model(metadata["model_class"])  # the user's own class, named in their config
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
         if metadata.get("adapter"):

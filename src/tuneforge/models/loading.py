@@ -9,12 +9,21 @@ architecture, a missing checkpoint) are re-raised as `ModelError`s that say what
 
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PretrainedConfig
+from transformers import (
+    CONFIG_MAPPING,
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 from tuneforge.config.schema import ModelConfig
 from tuneforge.config.targets import instantiate
@@ -136,6 +145,37 @@ def load_model_config(config: ModelConfig) -> PretrainedConfig:
     return model_config
 
 
+def register_custom_model(model: torch.nn.Module) -> str | None:
+    """Make a builder's own `PreTrainedModel` class loadable through the Auto classes.
+
+    Returns the class's dotted path (saved with the run, so `generate` can register it again),
+    or None for built-in architectures and plain modules.
+    """
+    if not isinstance(model, PreTrainedModel):
+        return None
+    if type(model).__module__.startswith("transformers."):
+        return None  # a transformers architecture: the Auto classes know it already
+    config_class = type(model.config)
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    AutoModelForCausalLM.register(config_class, type(model), exist_ok=True)
+    return f"{type(model).__module__}.{type(model).__qualname__}"
+
+
+def import_custom_model(dotted: str) -> None:
+    """Import and register a model class recorded by `register_custom_model`."""
+    module_name, _, class_name = dotted.rpartition(".")
+    try:
+        model_class = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as exc:
+        raise ModelError(
+            f"the run was trained with the model class '{dotted}', which cannot be imported: {exc}",
+            where="model.builder",
+            hint="run from the folder that holds its module, or install it",
+        ) from None
+    AutoConfig.register(model_class.config_class.model_type, model_class.config_class, exist_ok=True)
+    AutoModelForCausalLM.register(model_class.config_class, model_class, exist_ok=True)
+
+
 def load_model(config: ModelConfig) -> torch.nn.Module:
     """Build the causal LM: a `_target_` builder, fresh random weights, or a pretrained checkpoint."""
     if config.builder is not None:
@@ -225,6 +265,8 @@ __all__ = [
     "add_new_token_rows",
     "check_quantization_support",
     "check_remote_code",
+    "import_custom_model",
+    "register_custom_model",
     "is_moe",
     "load_model",
     "load_model_config",

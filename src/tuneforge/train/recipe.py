@@ -31,7 +31,13 @@ from tuneforge.methods.qat import save_quantized
 from tuneforge.methods.prepare import ParameterCounts, prepare_model
 from tuneforge.models.generation import generate_texts
 from tuneforge.models.attention import enable_packed_attention
-from tuneforge.models.loading import add_new_token_rows, check_quantization_support, load_model, load_tokenizer
+from tuneforge.models.loading import (
+    add_new_token_rows,
+    check_quantization_support,
+    load_model,
+    load_tokenizer,
+    register_custom_model,
+)
 from tuneforge.train.callbacks import MetricsLogger, TrainingProgress
 from tuneforge.train.trainer import TuneforgeTrainer
 from tuneforge.train.summary import RunResult, print_summary, write_summary
@@ -75,7 +81,8 @@ def _attach_input_grads_for_checkpointing(model: Any, args: transformers.Trainin
 
 
 def _save_final(
-    config: Config, trainer: Trainer, tokenizer: Any, datasets: Datasets, run_dir: Path, base_dir: Path | None
+    config: Config, trainer: Trainer, tokenizer: Any, datasets: Datasets, run_dir: Path, base_dir: Path | None,
+    model_class: str | None = None,
 ) -> Path:
     model_dir = run_dir / "model"
     supervised = config.data.datasets[0].format in SUPERVISED_FORMATS
@@ -98,6 +105,7 @@ def _save_final(
         template=template,
         system_prompt=config.data.datasets[0].system_prompt,
         trust_remote_code=config.model.trust_remote_code,
+        model_class=model_class,
     )
     qat = getattr(config.method, "qat", None)
     if qat is not None and qat.convert:
@@ -161,9 +169,10 @@ def _check_data(config: Config, datasets: Datasets) -> None:
 
 def _setup_model(
     config: Config, args: transformers.TrainingArguments, tokenizer: Any, run_dir: Path
-) -> tuple[Any, ParameterCounts, Path | None]:
+) -> tuple[Any, ParameterCounts, Path | None, str | None]:
     """Load the model, pick packed attention, keep random base weights, apply the method."""
     model = load_model(config.model)
+    model_class = register_custom_model(model) if config.model.builder is not None else None
     new_token_ids = add_new_token_rows(model, tokenizer, config.model)
     if config.data.packing:
         _say(f"packed batches use attention implementation '{enable_packed_attention(model, device=args.device)}'")
@@ -179,7 +188,7 @@ def _setup_model(
     )
     _attach_input_grads_for_checkpointing(model, args)
     _say(f"method {config.method.name}: {counts.describe()}")
-    return model, counts, base_dir
+    return model, counts, base_dir, model_class
 
 
 def _build_trainer(
@@ -254,7 +263,7 @@ def train(
     _check_data(config, datasets)
 
     args = _build_training_arguments(config, run_dir)
-    model, counts, base_dir = _setup_model(config, args, tokenizer, run_dir)
+    model, counts, base_dir, model_class = _setup_model(config, args, tokenizer, run_dir)
     metrics_path = run_dir / "metrics.jsonl"
     if resume is not None:
         trim_metrics(metrics_path, checkpoint_step(resume))
@@ -265,7 +274,7 @@ def train(
     )
     measured = _fit(trainer, resume, datasets.eval is not None)
 
-    model_dir = _save_final(config, trainer, tokenizer, datasets, run_dir, base_dir)
+    model_dir = _save_final(config, trainer, tokenizer, datasets, run_dir, base_dir, model_class)
     result = RunResult(
         run_dir=run_dir,
         model_dir=model_dir,
