@@ -50,3 +50,25 @@ def test_pad_token_falls_back_to_eos(tiny_model_dir):
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(ModelError, match="cannot find a model config"):
         load_model(ModelConfig(path=str(tmp_path / "nowhere")))
+
+
+def test_pickle_weights_are_refused_unless_allowed(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    (tmp_path / "pickled").mkdir()
+    model.config.save_pretrained(str(tmp_path / "pickled"))
+    torch.save(model.state_dict(), tmp_path / "pickled" / "pytorch_model.bin")  # as older checkpoints ship
+    with pytest.raises(ModelError) as info:
+        load_model(ModelConfig(path=str(tmp_path / "pickled")))
+    assert "pytorch_model.bin" in str(info.value) and "allow_pickle_weights" in str(info.value)
+
+
+def test_config_without_weights_points_to_random_init(tmp_path, tiny_model_dir):
+    from tuneforge.models.loading import preflight
+
+    (tmp_path / "config-only").mkdir()
+    (tmp_path / "config-only" / "config.json").write_bytes((tiny_model_dir / "config.json").read_bytes())
+    with pytest.raises(ModelError, match="no weights.*\n.*model.init: random"):
+        preflight(ModelConfig(path=str(tmp_path / "config-only")))
+    preflight(ModelConfig(path=str(tmp_path / "config-only"), init="random"))  # fine

@@ -133,3 +133,14 @@ def test_invalid_training_argument_combination_is_a_config_error(tmp_path, tiny_
     with pytest.raises(ConfigError) as info:
         train(settings)
     assert "train" in str(info.value)
+
+
+def test_run_that_cannot_fit_on_disk_fails_before_training(tmp_path, tiny_model_dir, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(ConfigError, match=r"checkpoints and the final model, but only 0\.0 GiB is free"):
+        train(config(tmp_path, tiny_model_dir, max_steps=2, save_strategy="steps", save_steps=1))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing trained

@@ -15,6 +15,7 @@ import yaml
 from pydantic import ValidationError
 
 from tuneforge.config.schema import Component, Config
+from tuneforge.config.secrets import redact
 from tuneforge.config.targets import resolve_target
 from tuneforge.errors import ConfigError
 
@@ -259,7 +260,10 @@ def load_config(
 
 
 def dump_config(config: Config) -> str:
-    """The resolved config as YAML: every section in full, `train` as set plus tuneforge's defaults."""
+    """The resolved config as YAML: every section in full, `train` as set plus tuneforge's defaults.
+
+    Secrets (hub tokens, API keys) are replaced by `***`: this text is printed and saved.
+    """
     from tuneforge.config.training_args import TUNEFORGE_DEFAULTS
 
     data = config.model_dump(mode="json", by_alias=True, exclude={"train"})
@@ -267,7 +271,7 @@ def dump_config(config: Config) -> str:
     train.update(config.train.model_dump(mode="json", exclude_unset=True))
     ordered = {"model": data["model"], "data": data["data"], "method": data["method"], "train": train}
     ordered["output"] = data["output"]
-    return yaml.safe_dump(ordered, sort_keys=False, allow_unicode=True)
+    return yaml.safe_dump(redact(ordered), sort_keys=False, allow_unicode=True)
 
 
 __all__ = ["apply_override", "dump_config", "load_config", "parse_override"]

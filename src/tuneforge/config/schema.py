@@ -64,6 +64,11 @@ class ModelConfig(Section):
         description="`_target_` of a callable that returns the model (your own class); "
         "called with its keyword arguments instead of the Auto classes.",
     )
+    allow_pickle_weights: bool = Field(
+        False,
+        description="Load weights stored as pickle (`.bin`, `.pt`), which can run code when "
+        "loaded. Off by default: only safetensors weights load.",
+    )
     quantization: Literal["none", "4bit", "8bit"] = Field(
         "none",
         description="Load the frozen base weights quantized through bitsandbytes (needs CUDA): "

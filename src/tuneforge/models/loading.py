@@ -125,6 +125,38 @@ def is_moe(model: torch.nn.Module) -> bool:
     return config is not None and hasattr(config.get_text_config(), "output_router_logits")
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_weight_files(config: ModelConfig) -> None:
+    """For a local checkpoint: weights exist, and are safetensors unless pickle is allowed."""
+    directory = Path(config.path)
+    if config.init != "pretrained" or config.builder is not None or not directory.is_dir():
+        return
+    safetensors = sorted(p.name for p in directory.glob("*.safetensors"))
+    pickled = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES and p.name != "training_args.bin")
+    if not safetensors and not pickled:
+        raise ModelError(
+            "the directory has a config but no weights",
+            where=f"model.path={config.path}",
+            hint="for fresh random weights set model.init: random",
+        )
+    if not safetensors and not config.allow_pickle_weights:
+        raise ModelError(
+            f"the weights are pickle files ({', '.join(pickled)}), which can run code when loaded",
+            where=f"model.path={config.path}",
+            hint="convert them to safetensors, or set model.allow_pickle_weights: true if you trust them",
+        )
+
+
+def preflight(config: ModelConfig) -> None:
+    """Everything that can be checked about the model without loading weights."""
+    check_quantization_support(config)
+    if config.builder is None:
+        check_remote_code(config)
+        check_weight_files(config)
+
+
 def load_model_config(config: ModelConfig) -> PretrainedConfig:
     check_remote_code(config)
     try:
@@ -187,6 +219,7 @@ def load_model(config: ModelConfig) -> torch.nn.Module:
             )
         return model
     check_quantization_support(config)
+    check_weight_files(config)
     model_config = load_model_config(config)
     dtype = resolve_dtype(config)
     extra: dict[str, Any] = {}
@@ -210,6 +243,8 @@ def load_model(config: ModelConfig) -> torch.nn.Module:
             config.path,
             config=model_config,
             dtype=dtype,
+            # Pickle weights can execute code on load: only when the user allowed them.
+            use_safetensors=None if config.allow_pickle_weights else True,
             revision=config.revision,
             trust_remote_code=config.trust_remote_code,
             **extra,
@@ -265,7 +300,9 @@ __all__ = [
     "add_new_token_rows",
     "check_quantization_support",
     "check_remote_code",
+    "check_weight_files",
     "import_custom_model",
+    "preflight",
     "register_custom_model",
     "is_moe",
     "load_model",

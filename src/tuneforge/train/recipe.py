@@ -33,7 +33,7 @@ from tuneforge.models.generation import generate_texts
 from tuneforge.models.attention import enable_packed_attention
 from tuneforge.models.loading import (
     add_new_token_rows,
-    check_quantization_support,
+    preflight,
     load_model,
     load_tokenizer,
     register_custom_model,
@@ -42,6 +42,8 @@ from tuneforge.train.callbacks import MetricsLogger, TrainingProgress
 from tuneforge.train.trainer import TuneforgeTrainer
 from tuneforge.train.summary import RunResult, print_summary, write_summary
 from tuneforge.train.run_dir import (
+    check_disk_space,
+    estimate_checkpoint_bytes,
     checkpoint_step,
     find_resume_checkpoint,
     prepare_run_dir,
@@ -188,6 +190,9 @@ def _setup_model(
     )
     _attach_input_grads_for_checkpointing(model, args)
     _say(f"method {config.method.name}: {counts.describe()}")
+    per_save = estimate_checkpoint_bytes(model, adapter_only=isinstance(config.method, LoraMethod))
+    kept = 0 if args.save_strategy == "no" else (args.save_total_limit or 2)
+    check_disk_space(run_dir, per_save * (kept + 1))
     return model, counts, base_dir, model_class
 
 
@@ -247,7 +252,7 @@ def train(
         callbacks: extra `TrainerCallback`s (tests and integrations).
     """
     config = load_config(config, overrides)
-    check_quantization_support(config.model)  # before anything is written or loaded
+    preflight(config.model)  # before anything is written or loaded
     run_dir = prepare_run_dir(config.output)
     resume = find_resume_checkpoint(config.output, run_dir)
     resolved = dump_config(config)

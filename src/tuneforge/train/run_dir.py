@@ -68,6 +68,30 @@ def find_resume_checkpoint(output: OutputConfig, run_dir: Path) -> str | None:
     return output.resume
 
 
+def estimate_checkpoint_bytes(model: Any, adapter_only: bool) -> int:
+    """Weights a save writes (all of them, or the trainable ones for adapters) plus AdamW's two
+    fp32 moments per trainable value."""
+    saved = trainable = 0
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            trainable += parameter.numel()
+        if parameter.requires_grad or not adapter_only:
+            saved += parameter.numel() * parameter.element_size()
+    return saved + 2 * 4 * trainable
+
+
+def check_disk_space(run_dir: Path, needed: int) -> None:
+    """Fail before training when the checkpoints the run will keep cannot fit on the disk."""
+    free = shutil.disk_usage(run_dir).free
+    if needed > free:
+        raise ConfigError(
+            f"the run will write about {needed / 2**30:.1f} GiB of checkpoints and the final model, "
+            f"but only {free / 2**30:.1f} GiB is free",
+            where=f"output.dir={run_dir}",
+            hint="free space, choose another output.dir, lower train.save_total_limit, or save less often",
+        )
+
+
 def checkpoint_step(checkpoint: str) -> int:
     return int(Path(checkpoint).name.rsplit("-", 1)[-1])
 
@@ -97,7 +121,9 @@ def read_run_metadata(model_dir: Path) -> dict[str, Any]:
 
 __all__ = [
     "RUN_METADATA",
+    "check_disk_space",
     "checkpoint_step",
+    "estimate_checkpoint_bytes",
     "find_resume_checkpoint",
     "prepare_run_dir",
     "read_run_metadata",
