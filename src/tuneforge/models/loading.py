@@ -50,6 +50,13 @@ def _custom_code_files(path: str) -> list[str]:
     return sorted(p.name for p in directory.glob("*.py")) if directory.is_dir() else []
 
 
+def _is_builtin_model_type(model_type: Any) -> bool:
+    """transformers implements it (a type a user registered in this process does not count)."""
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        return False
+    return CONFIG_MAPPING[model_type].__module__.startswith("transformers.")
+
+
 def check_remote_code(config: ModelConfig) -> None:
     """Refuse a checkpoint that needs its own Python code unless `trust_remote_code` is set."""
     if config.trust_remote_code:
@@ -65,7 +72,7 @@ def check_remote_code(config: ModelConfig) -> None:
         ) from None
     # Hub checkpoints often name their own code although transformers implements the
     # model_type itself; without trust_remote_code transformers uses its own classes then.
-    if "auto_map" in config_dict and config_dict.get("model_type") not in CONFIG_MAPPING:
+    if "auto_map" in config_dict and not _is_builtin_model_type(config_dict.get("model_type")):
         files = _custom_code_files(config.path)
         listed = f" ({', '.join(files)})" if files else ""
         raise ModelError(
