@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tuneforge.train import family_matrix
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 CORPUS = [
@@ -21,26 +23,7 @@ CORPUS = [
 
 
 def build_tokenizer(directory: Path, vocab_size: int = 600) -> Path:
-    """A byte-level BPE tokenizer with BOS added on encode and no pad token (as Llama ships)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE(unk_token=None))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(CORPUS * 4, trainer=trainer)
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
-    )
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
-    wrapped.save_pretrained(str(directory))
-    return directory
+    return family_matrix.build_tokenizer(directory, vocab_size, corpus=CORPUS)
 
 
 def build_tiny_llama(directory: Path, tokenizer_dir: Path, **overrides) -> Path:

@@ -2,7 +2,6 @@
 
 import re
 from pathlib import Path
-
 from typing import get_args
 
 import pytest
@@ -53,7 +52,7 @@ def test_every_example_config_validates_and_says_how_to_run_it(monkeypatch):
 
 
 def _yaml_blocks(path: Path) -> list[str]:
-    return re.findall(r"```yaml\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.S)
+    return re.findall(r"```yaml\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.DOTALL)
 
 
 @pytest.mark.parametrize("doc", ["README.md", *sorted(p.name for p in (ROOT / "docs").glob("*.md"))])

@@ -2,7 +2,12 @@ import re
 from pathlib import Path
 
 from tuneforge.cli.main import main
-from tuneforge.data.preview import MASK_CLOSE, MASK_OPEN, length_histogram, render_example
+from tuneforge.data.preview import (
+    MASK_CLOSE,
+    MASK_OPEN,
+    length_histogram,
+    render_example,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -2,12 +2,11 @@
 
 import pytest
 
-import tuneforge.data.build as build
+from tests.conftest import build_tokenizer, successor_rows, write_jsonl
 from tuneforge.config.schema import DataConfig, DatasetSpec
-from tuneforge.data import build_datasets
+from tuneforge.data import build, build_datasets
 from tuneforge.data.cache import cache_key
 from tuneforge.errors import DataError
-from tests.conftest import build_tokenizer, successor_rows, write_jsonl
 
 
 def qa_spec(path, **extra) -> DatasetSpec:

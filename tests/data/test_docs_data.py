@@ -20,7 +20,7 @@ EXAMPLE_DATA = ROOT / "examples" / "data"
 
 def _configs() -> list[dict]:
     text = DOC.read_text(encoding="utf-8")
-    blocks = [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", text, flags=re.S)]
+    blocks = [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", text, flags=re.DOTALL)]
     return [b for b in blocks if isinstance(b, dict) and "model" in b and "data" in b]
 
 
@@ -42,7 +42,7 @@ CONFIGS = _configs()
 @pytest.fixture
 def doc_loader(tmp_path, monkeypatch):
     """The guide's `my_data.py`, importable as the guide says (from the directory tuneforge runs in)."""
-    code = re.search(r"```python\n(# my_data\.py\n.*?)```", DOC.read_text(encoding="utf-8"), flags=re.S)
+    code = re.search(r"```python\n(# my_data\.py\n.*?)```", DOC.read_text(encoding="utf-8"), flags=re.DOTALL)
     assert code, "docs/data.md shows my_data.py in a ```python block"
     (tmp_path / "my_data.py").write_text(code.group(1), encoding="utf-8")
     monkeypatch.syspath_prepend(str(tmp_path))

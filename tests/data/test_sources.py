@@ -2,11 +2,11 @@ import json
 
 import pytest
 
+from tests.conftest import successor_rows, write_jsonl
 from tuneforge.config.schema import DataConfig, DatasetSpec
 from tuneforge.data import build_datasets, read_file, read_rows
 from tuneforge.data.sources import BadRows
 from tuneforge.errors import DataError
-from tests.conftest import successor_rows, write_jsonl
 
 
 def test_csv_and_parquet_rows_with_origins(tmp_path):

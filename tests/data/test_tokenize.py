@@ -7,7 +7,14 @@ from tests.data.test_formats import JCQA_ROW
 from tuneforge.config.schema import DatasetSpec
 from tuneforge.data.sources import Row
 from tuneforge.data.templates import encode_generation_prompt, resolve_template
-from tuneforge.data.tokenize import IGNORE_INDEX, Encoded, Example, encode_row, fit_length, pack_documents
+from tuneforge.data.tokenize import (
+    IGNORE_INDEX,
+    Encoded,
+    Example,
+    encode_row,
+    fit_length,
+    pack_documents,
+)
 
 M = IGNORE_INDEX
 

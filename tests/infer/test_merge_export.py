@@ -14,17 +14,20 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from tests.conftest import successor_rows, write_jsonl
+from tests.models.custom_code import write_custom_checkpoint
 from tuneforge.cli import export as export_verb
 from tuneforge.cli import main as cli_main
 from tuneforge.cli import merge as merge_verb
-from tuneforge.data.templates import encode_prompt_for_generation, template_from_metadata
+from tuneforge.data.templates import (
+    encode_prompt_for_generation,
+    template_from_metadata,
+)
 from tuneforge.infer import encode_for_model, load_for_inference
 from tuneforge.infer.export import export_model
 from tuneforge.infer.merge import DEFAULT_MAX_LOGIT_GAP, MergeError, merge_run
 from tuneforge.train import train
 from tuneforge.train.run_dir import read_run_metadata
-from tests.conftest import successor_rows, write_jsonl
-from tests.models.custom_code import write_custom_checkpoint
 
 TEXT = "after 41\n### Answer:\n42 The quick brown fox"
 PROMPT = "after 7"

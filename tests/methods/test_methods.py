@@ -3,11 +3,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
+from tests.conftest import successor_rows, write_jsonl
+from tuneforge import train
 from tuneforge.config.schema import FreezeMethod, FullMethod, LoraMethod
 from tuneforge.errors import MethodError
 from tuneforge.methods import prepare_model, select_trainable
-from tuneforge import train
-from tests.conftest import successor_rows, write_jsonl
 
 NAMES = [
     "model.embed_tokens.weight",

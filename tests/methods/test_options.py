@@ -7,13 +7,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
+from tests.conftest import successor_rows, write_jsonl
 from tuneforge.config import load_config
 from tuneforge.config.schema import FreezeMethod, LoraMethod, ModelConfig
 from tuneforge.errors import ConfigError, ModelError
 from tuneforge.methods import prepare_model
 from tuneforge.models import load_model
 from tuneforge.train import train
-from tests.conftest import successor_rows, write_jsonl
 
 
 def trainable(model) -> set[str]:

@@ -6,11 +6,11 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 pytest.importorskip("torchao", reason="quantization-aware training needs torchao")
 
-from tuneforge.config.schema import FullMethod, QatSettings  # noqa: E402
-from tuneforge.methods import prepare_model  # noqa: E402
-from tuneforge.methods.qat import convert_qat  # noqa: E402
-from tuneforge.train import train  # noqa: E402
-from tests.conftest import build_tiny_llama, successor_rows, write_jsonl  # noqa: E402
+from tests.conftest import build_tiny_llama, successor_rows, write_jsonl
+from tuneforge.config.schema import FullMethod, QatSettings
+from tuneforge.methods import prepare_model
+from tuneforge.methods.qat import convert_qat
+from tuneforge.train import train
 
 
 @pytest.fixture

@@ -8,7 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import (
+    AttentionInterface,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+)
 
 from tuneforge.data.packing import PackedCollator, build_packed_dataset
 from tuneforge.data.tokenize import IGNORE_INDEX, Example
@@ -202,7 +208,11 @@ def test_varlen_is_chosen_for_a_model_still_on_the_cpu_when_training_runs_on_cud
     """The recipe loads models on the CPU; the Trainer moves them later."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tuneforge.models.attention import VARLEN_ATTENTION, enable_packed_attention, varlen_available
+    from tuneforge.models.attention import (
+        VARLEN_ATTENTION,
+        enable_packed_attention,
+        varlen_available,
+    )
 
     if not varlen_available():
         pytest.skip("torch has no varlen_attn")

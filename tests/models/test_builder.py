@@ -6,10 +6,10 @@ import textwrap
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from tuneforge import train
-from tuneforge.infer import load_for_inference
 from tests.conftest import successor_rows, write_jsonl
 from tests.models.custom_code import CONFIGURATION, LAYERS, MODELING
+from tuneforge import train
+from tuneforge.infer import load_for_inference
 
 BUILDER = '''
 def build(vocab_size, hidden_size=16):

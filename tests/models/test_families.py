@@ -16,6 +16,7 @@ from peft.tuners.lora import LoraLayer, ParamWrapper
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
+from tests.conftest import successor_rows, write_jsonl
 from tuneforge.config.schema import LoraMethod, ModelConfig
 from tuneforge.methods.prepare import prepare_model
 from tuneforge.models.families import (
@@ -26,6 +27,8 @@ from tuneforge.models.families import (
     default_lora_targets,
     get_family,
 )
+from tuneforge.models.loading import load_model
+from tuneforge.train import train
 from tuneforge.train.family_matrix import (
     FamilyResult,
     check_step_logs,
@@ -34,9 +37,6 @@ from tuneforge.train.family_matrix import (
     render_models_doc,
     save_tiny_checkpoint,
 )
-from tuneforge.models.loading import load_model
-from tuneforge.train import train
-from tests.conftest import successor_rows, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 IDS = torch.tensor([[0, 5, 9, 13, 40, 1]])

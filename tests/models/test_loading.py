@@ -1,10 +1,10 @@
 import pytest
 import torch
 
+from tests.models.custom_code import write_custom_checkpoint
 from tuneforge.config.schema import ModelConfig
 from tuneforge.errors import ModelError
 from tuneforge.models import load_model, load_tokenizer
-from tests.models.custom_code import write_custom_checkpoint
 
 
 @pytest.fixture

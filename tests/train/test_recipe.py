@@ -4,10 +4,10 @@ import re
 import pytest
 from transformers import AutoModelForCausalLM, TrainerCallback
 
+from tests.conftest import successor_rows, write_jsonl
 from tuneforge.errors import ConfigError
 from tuneforge.infer import generate, load_for_inference
 from tuneforge.train import train
-from tests.conftest import successor_rows, write_jsonl
 
 
 def config(tmp_path, model_dir, rows=80, **train_args) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from tuneforge.cli.config_arguments import add_config_arguments
 
@@ -16,6 +17,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tuneforge import train
+    from tuneforge.train.preemption import PREEMPTED_EXIT_CODE, TrainingPreempted
 
-    train(args.config, overrides=args.overrides)
+    try:
+        train(args.config, overrides=args.overrides)
+    except TrainingPreempted as stopped:
+        print(f"tuneforge: {stopped}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     return 0

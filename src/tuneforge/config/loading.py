@@ -166,10 +166,7 @@ def _walk_data_path(data: Any, loc: tuple[Any, ...]) -> tuple[Any, ...]:
     path: list[Any] = []
     node = data
     for part in loc:
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-            path.append(part)
-        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+        if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int) and part < len(node):
             node = node[part]
             path.append(part)
         elif isinstance(node, dict) and node.get("name") == part:
@@ -242,9 +239,9 @@ def load_config(
         key_path, value = parse_override(text)
         apply_override(data, key_path, value, text)
         locations[key_path] = f"command line override '{text}'"
-    output = data.get("output")
-    if output is None or isinstance(output, dict):
-        data.setdefault("output", {})
+    if data.get("output") is None:  # absent, or `output:` with nothing under it
+        data["output"] = {}
+    if isinstance(data["output"], dict):
         data["output"].setdefault("dir", f"runs/{stem}")
     try:
         config = Config.model_validate(data)

@@ -21,6 +21,7 @@ from tuneforge.config.schema import (
     DatasetSpec,
     FreezeMethod,
     FullMethod,
+    GuardsConfig,
     LoraMethod,
     ModelConfig,
     OutputConfig,
@@ -39,6 +40,7 @@ SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("method.qat", QatSettings, "Quantization-aware training (methods full and freeze; needs torchao)."),
     ("output", OutputConfig, "Where results go."),
     ("output.samples", SamplesConfig, "Generations shown at the end of training."),
+    ("guards", GuardsConfig, "What training does when values go bad."),
 ]
 
 

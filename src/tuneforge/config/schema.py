@@ -366,6 +366,16 @@ class OutputConfig(Section):
     )
 
 
+class GuardsConfig(Section):
+    max_nonfinite_steps: int = Field(
+        3,
+        ge=0,
+        description="Optimizer steps whose loss or gradients are NaN or inf are skipped (the weights "
+        "stay as they were) up to this many times over the run; the next one stops it with an error "
+        "naming the step and the batch. 0: stop at the first.",
+    )
+
+
 class Config(Section):
     model: ModelConfig = Field(description="What to fine-tune.")
     data: DataConfig = Field(description="What to train on.")
@@ -378,6 +388,7 @@ class Config(Section):
         "installed transformers).",
     )
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
+    guards: GuardsConfig = Field(default_factory=GuardsConfig, description="What training does when values go bad.")
 
     @model_validator(mode="after")
     def _supported_combination(self) -> Config:

@@ -1,6 +1,11 @@
 """Data stage: read rows, format them, apply templates, tokenise with loss masks, build datasets."""
 
-from tuneforge.data.build import Datasets, DatasetStats, build_datasets, tokenize_dataset
+from tuneforge.data.build import (
+    Datasets,
+    DatasetStats,
+    build_datasets,
+    tokenize_dataset,
+)
 from tuneforge.data.formats import (
     MultipleChoiceItem,
     PreferencePair,
@@ -17,7 +22,13 @@ from tuneforge.data.templates import (
     encode_prompt_for_generation,
     resolve_template,
 )
-from tuneforge.data.tokenize import IGNORE_INDEX, Encoded, Example, encode_row, pack_documents
+from tuneforge.data.tokenize import (
+    IGNORE_INDEX,
+    Encoded,
+    Example,
+    encode_row,
+    pack_documents,
+)
 
 __all__ = [
     "IGNORE_INDEX",

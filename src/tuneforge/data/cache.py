@@ -16,7 +16,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, disable_progress_bars, enable_progress_bars, load_from_disk
+from datasets import (
+    Dataset,
+    disable_progress_bars,
+    enable_progress_bars,
+    load_from_disk,
+)
 
 from tuneforge import __version__
 from tuneforge.config.schema import DataConfig, DatasetSpec

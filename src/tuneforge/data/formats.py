@@ -254,7 +254,7 @@ def _label(row: Row, spec: DatasetSpec, count: int) -> int:
         label = value
     elif isinstance(value, float) and value.is_integer():
         label = int(value)  # Parquet/pandas columns turn ints into floats
-    elif isinstance(value, str) and value.strip().isdigit():
+    elif isinstance(value, str) and value.strip().isdecimal():  # isdigit() admits '²', which int() rejects
         label = int(value)  # CSV values are text
     if label is None:
         raise DataError(
@@ -363,9 +363,9 @@ def document_text(row: Row, spec: DatasetSpec) -> str:
 
 
 __all__ = [
+    "ROLE_NAMES",
     "MultipleChoiceItem",
     "PreferencePair",
-    "ROLE_NAMES",
     "document_text",
     "format_choices",
     "parse_multiple_choice",

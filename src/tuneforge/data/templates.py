@@ -233,8 +233,9 @@ def _detect_end_of_turn(tokenizer: Any, chat_template: str, name: str) -> str:
     try:
         prompt = _render(tokenizer, chat_template, user, add_generation_prompt=True)
         full = _render(tokenizer, chat_template, user + reply, add_generation_prompt=False)
-    except TemplateError as error:
-        raise ConfigError(f"chat template '{name}' fails to render: {error}", where="template") from None
+    except Exception as error:  # a user's template can raise anything while rendering: {{ 0/0 }}
+        what = str(error) if isinstance(error, TemplateError) else f"{type(error).__name__}: {error}"
+        raise ConfigError(f"chat template '{name}' fails to render: {what}", where="template") from None
     problem = None
     if _PROBE_QUESTION not in prompt:
         problem = "does not render user messages"

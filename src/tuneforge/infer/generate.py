@@ -12,7 +12,11 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tuneforge.data.templates import Template, encode_prompt_for_generation, template_from_metadata
+from tuneforge.data.templates import (
+    Template,
+    encode_prompt_for_generation,
+    template_from_metadata,
+)
 from tuneforge.errors import ModelError
 from tuneforge.models.generation import generate_texts
 from tuneforge.models.loading import import_custom_model

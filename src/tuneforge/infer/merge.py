@@ -28,9 +28,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PretrainedConfig,
+)
 
-from tuneforge.data.templates import Template, encode_prompt_for_generation, template_from_metadata
+from tuneforge.data.templates import (
+    Template,
+    encode_prompt_for_generation,
+    template_from_metadata,
+)
 from tuneforge.errors import ModelError, TuneforgeError
 from tuneforge.train.run_dir import read_run_metadata, write_run_metadata
 

@@ -16,7 +16,10 @@ from tuneforge.errors import MethodError
 
 
 def _base_config(settings: QatSettings) -> Any:
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
+    from torchao.quantization import (
+        Int8DynamicActivationIntxWeightConfig,
+        IntxWeightOnlyConfig,
+    )
     from torchao.quantization.granularity import PerGroup
 
     weight_dtype = torch.int4 if settings.weights == "int4" else torch.int8

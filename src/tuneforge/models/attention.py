@@ -30,7 +30,9 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+from transformers.modeling_flash_attention_utils import (
+    prepare_fa_kwargs_from_position_ids,
+)
 
 from tuneforge.data.packing import PackedCollator
 from tuneforge.errors import ConfigError

@@ -8,7 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 
 
 class MetricsLogger(TrainerCallback):

@@ -162,15 +162,22 @@ def check_family(family: ModelFamily, workdir: Path, tokenizer_dir: Path) -> Fam
     return FamilyResult(family, *targets, result.parameters.trainable)
 
 
-def build_tokenizer(directory: Path, vocab_size: int = 600) -> Path:
-    """A byte-level BPE tokenizer with `<s>` = 0 (added on encode) and `</s>` = 1, no pad token.
+_TOKENIZER_CORPUS = ("### Question:\nafter 41\n\n### Answer:\n42", "The quick brown fox jumps over the lazy dog.")
 
-    The same shape as the tests' tokenizer (tests/conftest.py), which src/ cannot import.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+def build_tokenizer(directory: Path, vocab_size: int = 600, corpus: tuple[str, ...] | list[str] = _TOKENIZER_CORPUS) -> Path:
+    """A byte-level BPE tokenizer trained on `corpus`: `<s>` = 0 (added on encode, as Llama
+    does), `</s>` = 1, no pad token. The tests build theirs with it too."""
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
-    corpus = ["### Question:\nafter 41\n\n### Answer:\n42", "The quick brown fox jumps over the lazy dog."]
     tokenizer = Tokenizer(models.BPE(unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -180,9 +187,9 @@ def build_tokenizer(directory: Path, vocab_size: int = 600) -> Path:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(corpus * 4, trainer=trainer)
+    tokenizer.train_from_iterator(list(corpus) * 4, trainer=trainer)
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
     )
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
     wrapped.save_pretrained(str(directory))

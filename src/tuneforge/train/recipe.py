@@ -24,33 +24,37 @@ from tuneforge.data.build import SUPERVISED_FORMATS, Datasets, build_datasets
 from tuneforge.data.formats import row_to_messages
 from tuneforge.data.packing import PackedCollator
 from tuneforge.data.sources import read_rows
-from tuneforge.data.templates import Template, encode_generation_prompt, template_to_metadata
+from tuneforge.data.templates import (
+    Template,
+    encode_generation_prompt,
+    template_to_metadata,
+)
 from tuneforge.data.tokenize import IGNORE_INDEX
 from tuneforge.errors import ConfigError
-from tuneforge.methods.qat import save_quantized
 from tuneforge.methods.prepare import ParameterCounts, prepare_model
-from tuneforge.models.generation import generate_texts
+from tuneforge.methods.qat import save_quantized
 from tuneforge.models.attention import enable_packed_attention
+from tuneforge.models.generation import generate_texts
 from tuneforge.models.loading import (
     add_new_token_rows,
-    preflight,
     load_model,
     load_tokenizer,
+    preflight,
     register_custom_model,
 )
 from tuneforge.train.callbacks import MetricsLogger, TrainingProgress
-from tuneforge.train.trainer import TuneforgeTrainer
-from tuneforge.train.summary import RunResult, print_summary, write_summary
+from tuneforge.train.checkpoints import estimate_save_bytes
+from tuneforge.train.preemption import install_preemption_handlers, raise_if_preempted
 from tuneforge.train.run_dir import (
     check_disk_space,
-    estimate_checkpoint_bytes,
     checkpoint_step,
     find_resume_checkpoint,
     prepare_run_dir,
     trim_metrics,
     write_run_metadata,
 )
-
+from tuneforge.train.summary import RunResult, print_summary, write_summary
+from tuneforge.train.trainer import TuneforgeTrainer
 
 
 def _say(message: str) -> None:
@@ -190,7 +194,7 @@ def _setup_model(
     )
     _attach_input_grads_for_checkpointing(model, args)
     _say(f"method {config.method.name}: {counts.describe()}")
-    per_save = estimate_checkpoint_bytes(model, adapter_only=isinstance(config.method, LoraMethod))
+    per_save = estimate_save_bytes(model, save_only_model=bool(args.save_only_model))
     kept = 0 if args.save_strategy == "no" else (args.save_total_limit or 2)
     check_disk_space(run_dir, per_save * (kept + 1))
     return model, counts, base_dir, model_class
@@ -206,6 +210,7 @@ def _build_trainer(
         else DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
     )
     trainer = TuneforgeTrainer(
+        max_nonfinite_steps=config.guards.max_nonfinite_steps,
         model=model,
         args=args,
         train_dataset=datasets.train,
@@ -230,6 +235,7 @@ def _fit(trainer: Trainer, resume: str | None, has_eval: bool) -> dict[str, Any]
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume)
+    raise_if_preempted(trainer)  # before the final evaluation: the grace period is short
     return {
         "train_seconds": time.perf_counter() - started,
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
@@ -274,10 +280,13 @@ def train(
         trim_metrics(metrics_path, checkpoint_step(resume))
         _say(f"resuming from {resume}")
     metrics_logger = MetricsLogger(metrics_path)
-    trainer = _build_trainer(
-        config, args, model, tokenizer, datasets, [metrics_logger, TrainingProgress(), *(callbacks or [])]
-    )
-    measured = _fit(trainer, resume, datasets.eval is not None)
+    # SIGTERM/SIGUSR1 from a scheduler: checkpoint at the next step end, then TrainingPreempted.
+    with install_preemption_handlers() as preemption:
+        trainer = _build_trainer(
+            config, args, model, tokenizer, datasets,
+            [metrics_logger, TrainingProgress(), preemption, *(callbacks or [])],
+        )
+        measured = _fit(trainer, resume, datasets.eval is not None)
 
     model_dir = _save_final(config, trainer, tokenizer, datasets, run_dir, base_dir, model_class)
     result = RunResult(

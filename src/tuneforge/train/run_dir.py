@@ -16,11 +16,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from transformers.trainer_utils import get_last_checkpoint
-
 from tuneforge import __version__
 from tuneforge.config.schema import OutputConfig
 from tuneforge.errors import ConfigError
+from tuneforge.train.checkpoints import find_good_checkpoint
 
 RUN_METADATA = "tuneforge.json"
 
@@ -58,7 +57,8 @@ def find_resume_checkpoint(output: OutputConfig, run_dir: Path) -> str | None:
     if output.resume == "never":
         return None
     if output.resume == "auto":
-        return get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+        # Only complete checkpoints: a save killed half-way is never resumed from.
+        return find_good_checkpoint(run_dir)
     if not Path(output.resume).is_dir():
         raise ConfigError(
             "checkpoint directory not found",
@@ -66,18 +66,6 @@ def find_resume_checkpoint(output: OutputConfig, run_dir: Path) -> str | None:
             hint="use auto, never, or a checkpoint-N directory",
         )
     return output.resume
-
-
-def estimate_checkpoint_bytes(model: Any, adapter_only: bool) -> int:
-    """Weights a save writes (all of them, or the trainable ones for adapters) plus AdamW's two
-    fp32 moments per trainable value."""
-    saved = trainable = 0
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            trainable += parameter.numel()
-        if parameter.requires_grad or not adapter_only:
-            saved += parameter.numel() * parameter.element_size()
-    return saved + 2 * 4 * trainable
 
 
 def check_disk_space(run_dir: Path, needed: int) -> None:
@@ -123,7 +111,6 @@ __all__ = [
     "RUN_METADATA",
     "check_disk_space",
     "checkpoint_step",
-    "estimate_checkpoint_bytes",
     "find_resume_checkpoint",
     "prepare_run_dir",
     "read_run_metadata",

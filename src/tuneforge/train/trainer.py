@@ -1,4 +1,5 @@
-"""tuneforge's `Trainer`: the Hugging Face one, plus logging of the losses a model adds itself.
+"""tuneforge's `Trainer`: the Hugging Face one, with atomic checkpoints (`checkpoints.py`),
+skipped non-finite steps (`guards.py`), and logging of the losses a model adds itself.
 
 MoE models add the router load-balancing loss to the language-modelling loss (PITFALLS 10:
 when it is silently off, experts collapse). It is logged as `aux_loss` so a run shows it.
@@ -11,8 +12,11 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from tuneforge.train.checkpoints import AtomicCheckpointMixin
+from tuneforge.train.guards import NonFiniteGuardMixin
 
-class TuneforgeTrainer(Trainer):
+
+class TuneforgeTrainer(NonFiniteGuardMixin, AtomicCheckpointMixin, Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # Summed on the device and read only when logging: no host sync per step.

@@ -1,0 +1,197 @@
+"""The non-finite guard: a NaN loss or gradient skips the step (weights unchanged), too many stop the run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from tuneforge.errors import TuneforgeError
+from tuneforge.train.callbacks import MetricsLogger
+from tuneforge.train.checkpoints import find_good_checkpoint
+from tuneforge.train.guards import (
+    NonFiniteError,
+    NonFiniteGuard,
+    NonFiniteGuardMixin,
+    describe_batch,
+    gradients_are_finite,
+)
+
+POISON = 7  # a batch holding this token id gets a NaN loss
+
+
+class TinyLM(nn.Module):
+    """Enough of a causal LM for the Trainer: ids in, {'loss': ...} out; NaN loss on POISON."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(16, 8)
+        self.head = nn.Linear(8, 16)
+        self.poisoned_forwards = 0
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        logits = self.head(self.embed(input_ids))
+        loss = nn.functional.cross_entropy(logits.view(-1, 16), labels.view(-1))
+        if self.training and bool((input_ids == POISON).any()):
+            self.poisoned_forwards += 1
+            loss = loss * float("nan")  # NaN loss, NaN gradients
+        return {"loss": loss, "logits": logits}
+
+
+class GuardedTrainer(NonFiniteGuardMixin, Trainer):
+    """What `class TuneforgeTrainer(NonFiniteGuardMixin, Trainer)` becomes."""
+
+
+def rows(poisoned_at: set[int], count: int = 8) -> list[dict[str, torch.Tensor]]:
+    out = []
+    for index in range(count):
+        ids = torch.tensor([1, 2, 3, POISON if index in poisoned_at else 4])
+        out.append({"input_ids": ids, "labels": ids.clone()})
+    return out
+
+
+class WeightRecorder(TrainerCallback):
+    """Per step: whether the model saw a poisoned batch, and whether the weights changed."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, bool, bool]] = []
+        self._before: list[torch.Tensor] = []
+        self._poisoned = 0
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self._before = [p.detach().clone() for p in model.parameters()]
+        self._poisoned = model.poisoned_forwards
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        changed = any(not torch.equal(a, p) for a, p in zip(self._before, model.parameters()))
+        self.steps.append((state.global_step, model.poisoned_forwards > self._poisoned, changed))
+
+
+def make_trainer(tmp_path, data, max_nonfinite_steps, callbacks=(), **arguments) -> GuardedTrainer:
+    settings = dict(
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=1, max_steps=len(data),
+        learning_rate=0.1, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+        seed=0, disable_tqdm=True,
+    )
+    settings.update(arguments)
+    (tmp_path / "run").mkdir(parents=True, exist_ok=True)
+    return GuardedTrainer(
+        model=TinyLM(), args=TrainingArguments(**settings), train_dataset=data,
+        callbacks=[MetricsLogger(tmp_path / "run" / "metrics.jsonl"), *callbacks],
+        max_nonfinite_steps=max_nonfinite_steps,
+    )
+
+
+def metrics(tmp_path) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("nan_filter", [True, False])
+def test_a_nan_loss_skips_its_step_and_training_goes_on(tmp_path, nan_filter):
+    recorder = WeightRecorder()
+    trainer = make_trainer(tmp_path, rows({2, 5}), 2, [recorder], logging_nan_inf_filter=nan_filter)
+    trainer.train()
+
+    poisoned = [step for step, bad, _ in recorder.steps if bad]
+    assert len(poisoned) == 2 and trainer.nonfinite_guard.skipped_steps == poisoned
+    assert trainer.state.global_step == 8  # went on after both bad steps
+    for step, bad, changed in recorder.steps:
+        assert changed != bad, f"step {step}: poisoned={bad}, weights changed={changed}"
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    # The optimizer's state did not see the bad steps either: 6 real updates.
+    assert {int(s["step"]) for s in trainer.optimizer.state.values()} == {6}
+    logged = metrics(tmp_path)
+    losses = [m["loss"] for m in logged if "loss" in m]
+    assert len(losses) >= 6 and all(math.isfinite(v) for v in losses)
+    assert all(math.isfinite(m["grad_norm"]) for m in logged if "grad_norm" in m)
+    assert [m.get("skipped_steps", 0) for m in logged if "loss" in m][-1] == 2
+
+
+def test_more_bad_steps_than_allowed_stop_the_run_naming_step_batch_and_checkpoint(tmp_path):
+    recorder = WeightRecorder()
+    trainer = make_trainer(tmp_path, rows({1, 3, 6}), 1, [recorder], save_strategy="steps", save_steps=1)
+    with pytest.raises(NonFiniteError) as caught:
+        trainer.train()
+    assert isinstance(caught.value, TuneforgeError)
+    poisoned = [step for step, bad, _ in recorder.steps if bad]
+    # The first bad step was skipped; the second raised before its update.
+    assert len(poisoned) == 1 and trainer.nonfinite_guard.skipped_steps == poisoned
+    failed = trainer.state.global_step + 1
+    message = str(caught.value)
+    assert message.startswith(f"step {failed}: non-finite loss (NaN or inf) in batch of 1 x 4 tokens")
+    assert f"first row starts [1, 2, 3, {POISON}]" in message
+    assert f"steps: {poisoned[0]}" in message and "1 allowed" in message
+    kept = Path(find_good_checkpoint(tmp_path / "run") or "")
+    assert kept.name == f"checkpoint-{failed - 1}"
+    assert str(kept) in message
+    # The kept checkpoint's weights are finite and equal the live ones (the failed step changed nothing).
+    from safetensors.torch import load_file
+
+    saved = load_file(str(kept / "model.safetensors"))
+    for name, param in trainer.model.named_parameters():
+        assert torch.equal(saved[name], param.detach())
+    assert all(math.isfinite(m["loss"]) for m in metrics(tmp_path) if "loss" in m)
+
+
+def test_zero_allowed_stops_at_the_first_bad_step(tmp_path):
+    trainer = make_trainer(tmp_path, rows(set(range(8))), 0)
+    with pytest.raises(NonFiniteError, match="^step 1: .*no checkpoint was written before it"):
+        trainer.train()
+
+
+class PoisonGradient(TrainerCallback):
+    """Writes NaN into one gradient entry before the optimizer step (the loss stays finite)."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == self.at_step:
+            next(model.parameters()).grad[0, 0] = float("nan")
+
+
+def test_a_nan_gradient_with_a_finite_loss_is_skipped(tmp_path):
+    recorder = WeightRecorder()
+    trainer = make_trainer(tmp_path, rows(set()), 1, [PoisonGradient(at_step=3), recorder])
+    trainer.train()
+    assert trainer.nonfinite_guard.skipped_steps == [3]
+    assert [changed for _, _, changed in recorder.steps] == [True, True, False, True, True, True, True, True]
+
+
+def test_the_guard_alone_as_a_callback_checks_gradients(tmp_path):
+    """Without the mixin (no loss or batch), NaN gradients are still caught."""
+    data = rows({4})
+    settings = dict(output_dir=str(tmp_path / "run"), per_device_train_batch_size=1, max_steps=8,
+                    logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True)
+    guard = NonFiniteGuard(max_nonfinite_steps=0)
+    trainer = Trainer(model=TinyLM(), args=TrainingArguments(**settings), train_dataset=data, callbacks=[guard])
+    with pytest.raises(NonFiniteError, match=r"^step \d+: non-finite gradient norm \(NaN or inf\) in batch \(no input_ids\)"):
+        trainer.train()
+
+
+def test_gradient_accumulation_skips_the_whole_step(tmp_path):
+    recorder = WeightRecorder()
+    trainer = make_trainer(tmp_path, rows({3}), 1, [recorder], gradient_accumulation_steps=2, max_steps=4)
+    trainer.train()
+    assert trainer.nonfinite_guard.skipped_steps == [2]  # micro-batches 2 and 3 form step 2
+    assert [changed for _, _, changed in recorder.steps] == [True, False, True, True]
+
+
+def test_describe_batch_and_gradients_are_finite(tokenizer):
+    ids = torch.tensor(tokenizer("### Question:\nafter 3")["input_ids"]).unsqueeze(0)
+    text = describe_batch(ids, tokenizer, shown=4)
+    first = ", ".join(map(str, ids[0, :4].tolist()))
+    assert text.startswith(f"batch of 1 x {ids.shape[1]} tokens, first row starts [{first}, ...] ('<s>###")
+    assert describe_batch(None) == "batch (no input_ids)"
+    assert gradients_are_finite([torch.ones(3), torch.zeros(2, 2)])
+    assert not gradients_are_finite([torch.ones(3), torch.tensor([0.0, float("inf")])])
+    assert not gradients_are_finite([torch.tensor([float("nan")])])
+    assert gradients_are_finite([])
+    with pytest.raises(ValueError):
+        NonFiniteGuard(-1)
