@@ -127,3 +127,45 @@ def test_title_and_content_text_format(tmp_path, tokenizer):
     ids = data.train["input_ids"][0]
     assert tokenizer.decode(ids, skip_special_tokens=True) == "标题\n内容"
     assert data.train["labels"][0] == ids
+
+
+@pytest.fixture
+def rooted(tmp_path):
+    """A data root holding one file, a secret file beside the root, and a link out of it."""
+    root = tmp_path / "root"
+    root.mkdir()
+    write_jsonl(root / "train.jsonl", successor_rows(3))
+    secret = tmp_path / "secret.jsonl"
+    write_jsonl(secret, [{"question": "key", "answer": "hunter2"}])
+    (root / "link.jsonl").symlink_to(secret)
+    return root, secret
+
+
+def spec_under(root, path):
+    config = DataConfig(datasets=[{"path": path, "prompt_fields": ["question"], "response_field": "answer"}], root=str(root))
+    return config.datasets[0]
+
+
+def test_a_data_root_takes_relative_paths_from_it(rooted):
+    root, _ = rooted
+    rows = read_rows(spec_under(root, "train.jsonl"), "data.datasets[0]")
+    assert [r.fields["question"] for r in rows] == [row["question"] for row in successor_rows(3)]
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink", "glob"])
+def test_data_paths_cannot_escape_the_root(rooted, how):
+    root, secret = rooted
+    path = {"dotdot": "../secret.jsonl", "absolute": str(secret), "symlink": "link.jsonl", "glob": "*.jsonl"}[how]
+    with pytest.raises(DataError, match="leads outside the data root") as error:
+        read_rows(spec_under(root, path), "data.datasets[0]")
+    assert str(secret.resolve()) in str(error.value) and "hunter2" not in str(error.value)
+
+
+def test_a_dataset_root_overrides_the_data_root(rooted, tmp_path):
+    root, secret = rooted
+    config = DataConfig(
+        datasets=[{"path": "secret.jsonl", "root": str(tmp_path), "prompt_fields": ["question"], "response_field": "answer"}],
+        root=str(root),
+    )
+    assert config.datasets[0].root == str(tmp_path)
+    assert read_rows(config.datasets[0], "data.datasets[0]")[0].fields["answer"] == "hunter2"

@@ -144,3 +144,10 @@ def test_run_that_cannot_fit_on_disk_fails_before_training(tmp_path, tiny_model_
     with pytest.raises(ConfigError, match=r"checkpoints and the final model, but only 0\.0 GiB is free"):
         train(config(tmp_path, tiny_model_dir, max_steps=2, save_strategy="steps", save_steps=1))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing trained
+
+
+def test_an_output_directory_that_cannot_be_written_fails_before_anything_loads(tmp_path, tiny_model_dir):
+    (tmp_path / "a_file").write_text("not a directory")
+    with pytest.raises(ConfigError, match="cannot write to the run directory") as error:
+        train(config(tmp_path, tiny_model_dir, max_steps=1), overrides=[f"output.dir={tmp_path / 'a_file' / 'run'}"])
+    assert "output.dir=" in str(error.value)

@@ -178,6 +178,11 @@ class DatasetSpec(Section):
     samples: int | None = Field(
         None, gt=0, description="Exactly this many examples from the dataset (sampled by seed)."
     )
+    root: str | None = Field(
+        None,
+        description="Directory the dataset's files must lie in (after resolving `..` and links); "
+        "a relative `path` is taken from it. Default: `data.root`.",
+    )
 
     @field_validator("prompt_fields", "text_fields", mode="before")
     @classmethod
@@ -252,6 +257,20 @@ class DataConfig(Section):
         description="Text format only: read and tokenise on the fly, for corpora larger than "
         "memory (no cache; needs `train.max_steps`).",
     )
+    root: str | None = Field(
+        None,
+        description="Directory every dataset's files must lie in (after resolving `..` and links), "
+        "so a shared config cannot read files elsewhere; relative paths are taken from it. "
+        "Unset: paths are relative to the current directory, anywhere.",
+    )
+
+    @model_validator(mode="after")
+    def _datasets_inherit_root(self) -> DataConfig:
+        if self.root is not None:
+            for spec in [*self.datasets, *self.eval_datasets]:
+                if spec.root is None:
+                    spec.root = self.root
+        return self
 
 
 class QatSettings(Section):

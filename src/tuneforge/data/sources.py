@@ -46,12 +46,18 @@ class Row:
     origin: str
 
 
-def resolve_files(path: str) -> list[Path]:
-    """A file, a directory (its JSON/JSONL files) or a glob, as a sorted list of files."""
+def resolve_files(path: str, root: str | None = None) -> list[Path]:
+    """A file, a directory (its JSON/JSONL files) or a glob, as a sorted list of files.
+
+    With a `root`, a relative `path` is taken from it, and every file found must lie inside it
+    once `..` and symbolic links are resolved.
+    """
+    if root is not None:
+        path = str(Path(root) / path)  # an absolute `path` stays as it is, then fails the check
     candidate = Path(path)
     if candidate.is_file():
-        return [candidate]
-    if candidate.is_dir():
+        files = [candidate]
+    elif candidate.is_dir():
         files = sorted(p for p in candidate.iterdir() if p.suffix in SUPPORTED_SUFFIXES)
     else:
         files = sorted(Path(p) for p in glob.glob(path, recursive=True) if Path(p).is_file())
@@ -60,11 +66,30 @@ def resolve_files(path: str) -> list[Path]:
         raise DataError(
             what,
             where=path,
-            hint=f"paths are relative to the current directory ({Path.cwd()}); "
+            hint=f"paths are relative to {f'the data root ({root})' if root else f'the current directory ({Path.cwd()})'}; "
             f"a directory or a glob such as data/partition_*.json also works "
             f"({', '.join(SUPPORTED_SUFFIXES)})",
         )
+    if root is not None:
+        for file in files:
+            check_inside(root, file, where=path)
     return files
+
+
+def check_inside(root: str | Path, path: str | Path, where: str) -> Path:
+    """`path` resolved (links followed); it must be `root` or lie under it.
+
+    Raises:
+        DataError: The path leads out of the root, by `..`, an absolute path or a link.
+    """
+    real_root, real = Path(root).resolve(), Path(path).resolve()
+    if not real.is_relative_to(real_root):
+        raise DataError(
+            f"'{path}' leads outside the data root {real_root} (to {real})",
+            where=where,
+            hint="move the file under the root, or change data.root / the dataset's root",
+        )
+    return real
 
 
 def _decode(path: Path) -> str:
@@ -203,7 +228,7 @@ def source_files(spec: DatasetSpec) -> list[Path]:
     """The local files a dataset reads (empty for components and hub datasets)."""
     if spec.path is None or spec.path.startswith(HF_PREFIX):
         return []
-    return resolve_files(spec.path)
+    return resolve_files(spec.path, spec.root)
 
 
 def read_rows(spec: DatasetSpec, key: str, bad_rows: BadRows | None = None) -> list[Row]:
@@ -230,4 +255,4 @@ def iter_json_lines(path: Path) -> Iterator[Row]:
                 yield row
 
 
-__all__ = ["HF_PREFIX", "BadRows", "Row", "iter_json_lines", "read_file", "read_rows", "resolve_files", "source_files"]
+__all__ = ["HF_PREFIX", "BadRows", "Row", "check_inside", "iter_json_lines", "read_file", "read_rows", "resolve_files", "source_files"]

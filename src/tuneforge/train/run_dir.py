@@ -48,7 +48,17 @@ def prepare_run_dir(output: OutputConfig) -> Path:
                 hint="continue it with output.resume=auto, start over with output.overwrite=true, "
                 "or choose another output.dir",
             )
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".tuneforge-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(
+            f"cannot write to the run directory: {error.strerror or error}",
+            where=f"output.dir={path}",
+            hint="choose a directory you can write to",
+        ) from None
     return path
 
 
