@@ -71,6 +71,48 @@ def build_model_dir(shape: str, tokenizer_dir: Path, directory: Path) -> Path:
     return directory
 
 
+VISION_SHAPES = {
+    # CLIP ViT-L/14 at 336 px (LLaVA-1.5's tower): 24 layers, 576 patches.
+    "llama-8b": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                     image_size=336, patch_size=14),
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 image_size=56, patch_size=14),
+}
+
+
+def build_vlm_case(shape: str, tokenizer_dir: Path, work: Path, steps: int) -> dict:
+    """Stage-2 LoRA on a random LLaVA: CLIP-L/14-336-shaped tower + Llama-3.1-8B-shaped LM,
+    576 image tokens + caption text to 2048 tokens (synthetic images: noise with a caption)."""
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPVisionConfig
+
+    vision = work / f"clip-{shape}"
+    CLIPVisionConfig(**VISION_SHAPES[shape]).save_pretrained(str(vision))
+    size = VISION_SHAPES[shape]["image_size"]
+    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(str(vision))
+    images = work / "vlm-images"
+    images.mkdir(exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for index in range(64):
+        pixels = (torch.rand(size, size, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(images / f"{index}.png")
+        rows.append({"image": f"{index}.png", "caption": " ".join(["a noisy picture of nothing in particular"] * 160)})
+    data = work / "vlm-captions.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    lm = build_model_dir("llama-8b" if shape == "llama-8b" else "tiny", tokenizer_dir, work / f"vlm-lm-{shape}")
+    return {
+        "model": {"path": str(lm), "init": "random", "dtype": "bfloat16", "attn_implementation": "sdpa",
+                  "vision": {"path": str(vision)}},
+        "data": {"datasets": [{"path": str(data), "format": "caption", "image_root": str(images)}], "max_length": 2048},
+        "method": {"name": "lora", "r": 16, "lora_alpha": 32},
+        "train": {"max_steps": steps, "per_device_train_batch_size": 1, "learning_rate": 2e-4, "bf16": True,
+                  "gradient_checkpointing": True, "logging_steps": max(1, min(5, steps // 3)), "save_strategy": "no",
+                  "warmup_steps": 2},
+        "output": {"dir": str(work / "runs" / f"vlm-{shape}"), "overwrite": True},
+    }
+
+
 def save_random_weights(model_dir: Path) -> Path:
     """Quantized loading reads saved weights: build the random model on the GPU and save it."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -128,7 +170,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/tf-gpu"))
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b")
-    parser.add_argument("--cases", default="lora,jcqa", help="comma-separated: lora, jcqa, qlora8b")
+    parser.add_argument("--cases", default="lora,jcqa", help="comma-separated: lora, jcqa, qlora8b, vlm8b")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     data = args.data / "lamini_docs.jsonl"
@@ -192,6 +234,13 @@ def main() -> int:
         qlora["train"].update(per_device_train_batch_size=1, gradient_checkpointing=True, max_steps=args.steps)
         qlora["output"]["dir"] = str(args.work / "runs" / "qlora-8b")
         results.append(run_case("qlora-nf4-llama-8b-seq2048-mb1-ckpt", qlora, args.work))
+    if "vlm8b" in cases:
+        vlm_shape = "llama-8b" if args.shape != "tiny" else "tiny"
+        vlm = build_vlm_case(vlm_shape, tokenizer_dir, args.work, args.steps)
+        if not torch.cuda.is_available():
+            vlm["model"]["dtype"] = "float32"
+            vlm["train"].update(bf16=False, max_steps=2)
+        results.append(run_case(f"vlm-lora-clip-l336-{vlm_shape}-576img-seq2048-mb1", vlm, args.work))
     if padded.get("tokens/s (median, after warm-up)") and packed.get("tokens/s (median, after warm-up)"):
         gain = packed["tokens/s (median, after warm-up)"] / padded["tokens/s (median, after warm-up)"]
         print(f"padding-free packing vs padded batches, real tokens/s: {gain:.2f}x")

@@ -26,12 +26,15 @@ def run(args: argparse.Namespace) -> int:
     from tuneforge.config.loading import load_config
     from tuneforge.data.build import build_datasets
     from tuneforge.data.preview import length_histogram, render_example
+    from tuneforge.data.images import collapse_image_tokens
     from tuneforge.models.loading import load_tokenizer
+    from tuneforge.models.vlm import prepare_image_inputs
 
     config = load_config(args.config, args.overrides)
     tokenizer = load_tokenizer(config.model)
     datasets = build_datasets(
-        config.data, tokenizer, seed=config.train.seed, batch_size=config.train.per_device_train_batch_size
+        config.data, tokenizer, seed=config.train.seed, batch_size=config.train.per_device_train_batch_size,
+        images=prepare_image_inputs(config.model, tokenizer),
     )
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     train = datasets.train
@@ -39,10 +42,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"template: {datasets.template.name if datasets.template else 'n/a'}; {legend}\n")
     for index in range(min(args.count, len(train))):
         row = train[index]
-        tokens = len(row["input_ids"])
-        trained = sum(label != -100 for label in row["labels"])
-        print(f"--- example {index}: {tokens} tokens, {trained} trained")
-        print(render_example(tokenizer, row["input_ids"], row["labels"], color=color))
+        input_ids, labels = row["input_ids"], row["labels"]
+        trained = sum(label != -100 for label in labels)
+        header = f"--- example {index}: {len(input_ids)} tokens, {trained} trained"
+        if datasets.images is not None:
+            # Each image's run of feature tokens is shown as one placeholder.
+            input_ids, labels, counts = collapse_image_tokens(input_ids, labels, datasets.images)
+            header += f", {counts}"
+        print(header)
+        print(render_example(tokenizer, input_ids, labels, color=color))
         print()
     print("--- statistics")
     for stats in datasets.stats:

@@ -17,6 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--prompts-file", type=Path, help="one prompt per line")
     parser.add_argument("--raw", action="store_true", help="do not apply the run's prompt template")
     parser.add_argument("--system", help="system prompt (default: the one the run was trained with)")
+    parser.add_argument("--image", type=Path, action="append", help="an image for a vision-language model "
+                        "(repeat for several); every prompt sees them, at its <image> placeholders or first")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -42,11 +44,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     transformers.set_seed(args.seed)
     loaded = load_for_inference(args.model, trust_remote_code=args.trust_remote_code)
+    images = [[str(path) for path in args.image]] * len(prompts) if args.image else None
     outputs = generate(
         loaded,
         prompts,
         raw=args.raw,
         system_prompt=args.system,
+        images=images,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,

@@ -27,11 +27,13 @@ from tuneforge.config.schema import (
     OutputConfig,
     QatSettings,
     SamplesConfig,
+    VisionConfig,
 )
 from tuneforge.config.training_args import TUNEFORGE_DEFAULTS
 
 SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("model", ModelConfig, "What to fine-tune."),
+    ("model.vision", VisionConfig, "The vision tower and projector of a vision-language model (docs/vision.md)."),
     ("data", DataConfig, "What to train on."),
     ("data.datasets[]", DatasetSpec, "Each entry of `data.datasets` and `data.eval_datasets`."),
     ("method (name: full)", FullMethod, "Train every parameter."),

@@ -29,6 +29,36 @@ class Component(BaseModel):
         return dict(self.model_extra or {})
 
 
+class VisionConfig(Section):
+    path: str = Field(
+        description="The vision tower: a CLIP or SigLIP checkpoint (hub id or directory); of a "
+        "full CLIP/SigLIP model only the vision half is used. With `model.init: random` a "
+        "config-only directory is enough."
+    )
+    projector: Literal["mlp2x_gelu", "linear"] = Field(
+        "mlp2x_gelu",
+        description="Vision features to language embeddings: `mlp2x_gelu` (two linear layers with "
+        "GELU, LLaVA-1.5) or `linear` (a linear map, as GIT/heron; stored as two linear layers "
+        "without activation so the checkpoint stays a standard LLaVA one).",
+    )
+    image_token: str = Field(
+        "<image>",
+        description="Placeholder text for an image in prompts; added to the tokenizer as a special "
+        "token and expanded to one token per image feature.",
+    )
+    feature_layer: int = Field(
+        -2, description="Vision hidden layer whose features are projected (LLaVA: -2, the second to last)."
+    )
+    feature_select: Literal["auto", "default", "full"] = Field(
+        "auto",
+        description="`default` drops the class token (CLIP), `full` keeps every position; `auto`: "
+        "`full` for towers without a class token (SigLIP), else `default`.",
+    )
+    image_processor: str | None = Field(
+        None, description="Directory or hub id of the image processor; defaults to `path`."
+    )
+
+
 class ModelConfig(Section):
     path: str = Field(description="Hugging Face hub id or local directory of the model.")
     init: Literal["pretrained", "random"] = Field(
@@ -88,6 +118,12 @@ class ModelConfig(Section):
     moe_aux_loss_coef: float | None = Field(
         None, ge=0, description="Its coefficient; the model config's `router_aux_loss_coef` when unset."
     )
+    vision: VisionConfig | None = Field(
+        None,
+        description="Build a vision-language model (LLaVA layout): this vision tower and a projector "
+        "in front of the language model at `path`. Unset with a LLaVA checkpoint at `path`, that "
+        "model is fine-tuned as it is.",
+    )
 
 
 BUILTIN_TEMPLATES = ("auto", "tokenizer", "qa", "alpaca", "chatml", "llama-3", "plain")
@@ -111,13 +147,14 @@ class DatasetSpec(Section):
         "`datasets.Dataset`), instead of `path`.",
     )
     split: str = Field("train", description="Split to read for `hf:` datasets.")
-    format: Literal["instruction", "chat", "text", "preference", "multiple_choice"] = Field(
+    format: Literal["instruction", "chat", "text", "preference", "multiple_choice", "llava", "caption"] = Field(
         "instruction",
         description="`instruction`: prompt and response, loss on the response; `chat`: "
         "multi-turn conversations, loss on assistant turns; `text`: continued pretraining on "
         "whole documents; `preference`: prompt/chosen/rejected pairs (preference methods); "
         "`multiple_choice`: question, choices and label (trained as instruction data, or for "
-        "evaluation).",
+        "evaluation); `llava`: images and conversations with `<image>` placeholders (LLaVA JSON), "
+        "loss on assistant turns; `caption`: an image and its caption, loss on the caption.",
     )
     template: str = Field(
         "auto",
@@ -141,7 +178,8 @@ class DatasetSpec(Section):
     messages_field: str = Field(
         "messages",
         description="Chat format: the list of turns, OpenAI style (`role`/`content`) or "
-        "ShareGPT style (`from`/`value`, e.g. `conversations`).",
+        "ShareGPT style (`from`/`value`, e.g. `conversations`). The llava format reads "
+        "`conversations` unless this is set.",
     )
     train_on: Literal["all_assistant", "last_assistant"] = Field(
         "all_assistant",
@@ -156,6 +194,21 @@ class DatasetSpec(Section):
         "... fields (JGLUE) are read without it.",
     )
     label_field: str = Field("label", description="Multiple choice: index of the right choice.")
+    image_field: str = Field(
+        "image",
+        description="llava and caption formats: the row field with an image path, or a list of "
+        "paths (several images, video frames), one `<image>` placeholder each.",
+    )
+    image_root: str | None = Field(
+        None,
+        description="llava and caption formats: directory image paths are relative to; no image "
+        "may lie outside it (after resolving `..` and links). Default: the dataset's `root`, else "
+        "the current directory.",
+    )
+    caption_field: str = Field("caption", description="Caption format: the row field with the caption.")
+    caption_prompt: str = Field(
+        "", description="Caption format: text after the image in the user turn, e.g. `Describe the image.`"
+    )
     text_fields: list[str] = Field(
         default_factory=lambda: ["text"],
         description="Text format: row fields joined by a newline, e.g. `[title, content]`.",

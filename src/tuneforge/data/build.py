@@ -20,6 +20,12 @@ from datasets import Dataset
 from tuneforge.config.schema import DataConfig, DatasetSpec
 from tuneforge.data.cache import DataCache
 from tuneforge.data.formats import document_text
+from tuneforge.data.images import (
+    VISION_FORMATS,
+    ImageExample,
+    ImageInputs,
+    encode_image_row,
+)
 from tuneforge.data.packing import PackingStats, build_packed_dataset
 from tuneforge.data.sources import BadRows, Row, read_rows
 from tuneforge.data.streaming import stream_text_dataset
@@ -27,7 +33,8 @@ from tuneforge.data.templates import Template, resolve_template
 from tuneforge.data.tokenize import IGNORE_INDEX, Example, encode_row, pack_documents
 from tuneforge.errors import ConfigError, DataError
 
-SUPERVISED_FORMATS = ("instruction", "chat", "multiple_choice")
+# Conversations with a trained reply: the run saves their template for generation.
+SUPERVISED_FORMATS = ("instruction", "chat", "multiple_choice", *VISION_FORMATS)
 
 
 @dataclass
@@ -76,17 +83,25 @@ class Datasets:
     template: Template | None = None
     from_cache: bool = False
     packing: PackingStats | None = None
+    images: ImageInputs | None = None  # a vision-language model's: the collator reads the images
 
 
 def encode_rows(
-    rows: list[Row], spec: DatasetSpec, tokenizer: Any, template: Template, max_length: int, bad_rows: BadRows
+    rows: list[Row], spec: DatasetSpec, tokenizer: Any, template: Template, max_length: int, bad_rows: BadRows,
+    images: ImageInputs | None = None,
 ) -> tuple[list[Example], DatasetStats]:
-    """Tokenise supervised rows with the length policy; bad rows go to `bad_rows`."""
+    """Tokenise supervised rows with the length policy; bad rows go to `bad_rows`.
+
+    Rows of the image formats (`llava`, `caption`) need the vision model's `images` inputs.
+    """
     stats = DatasetStats(name=spec.name, rows=len(rows))
     examples: list[Example] = []
     for row in rows:
         try:
-            encoded = encode_row(row, spec, tokenizer, template, max_length)
+            if images is not None:
+                encoded = encode_image_row(row, spec, tokenizer, template, max_length, images)
+            else:
+                encoded = encode_row(row, spec, tokenizer, template, max_length)
         except DataError as error:
             bad_rows.handle(error)
             continue
@@ -101,23 +116,26 @@ def encode_rows(
 
 
 def _encode_shard(args: tuple) -> tuple[list[Example], DatasetStats, BadRows]:
-    rows, spec, tokenizer, template, max_length, skip = args
+    rows, spec, tokenizer, template, max_length, skip, images = args
     bad_rows = BadRows(skip=skip)
-    examples, stats = encode_rows(rows, spec, tokenizer, template, max_length, bad_rows)
+    examples, stats = encode_rows(rows, spec, tokenizer, template, max_length, bad_rows, images)
     return examples, stats, bad_rows
 
 
 def encode_rows_parallel(
     rows: list[Row], spec: DatasetSpec, tokenizer: Any, template: Template, max_length: int,
-    bad_rows: BadRows, num_proc: int,
+    bad_rows: BadRows, num_proc: int, images: ImageInputs | None = None,
 ) -> tuple[list[Example], DatasetStats]:
     """`encode_rows` over `num_proc` forked workers, results in row order."""
     if num_proc <= 1 or len(rows) < 2 * num_proc:
-        return encode_rows(rows, spec, tokenizer, template, max_length, bad_rows)
+        return encode_rows(rows, spec, tokenizer, template, max_length, bad_rows, images)
     # Fast tokenizers' own thread pool must not be inherited across fork.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     size = -(-len(rows) // num_proc)
-    shards = [(rows[i : i + size], spec, tokenizer, template, max_length, bad_rows.skip) for i in range(0, len(rows), size)]
+    shards = [
+        (rows[i : i + size], spec, tokenizer, template, max_length, bad_rows.skip, images)
+        for i in range(0, len(rows), size)
+    ]
     with multiprocessing.get_context("fork").Pool(num_proc) as pool:
         results = pool.map(_encode_shard, shards)
     examples: list[Example] = []
@@ -134,9 +152,15 @@ def encode_rows_parallel(
 
 def tokenize_dataset(
     spec: DatasetSpec, tokenizer: Any, template: Template, max_length: int, key: str,
-    on_bad_rows: str = "error", num_proc: int = 1,
+    on_bad_rows: str = "error", num_proc: int = 1, images: ImageInputs | None = None,
 ) -> tuple[list[Example], DatasetStats]:
-    """Read, format and tokenise one dataset."""
+    """Read, format and tokenise one dataset (`images`: the vision model's, for image formats)."""
+    if spec.format in VISION_FORMATS and images is None:
+        raise ConfigError(
+            f"format '{spec.format}' needs a vision-language model",
+            where=f"{key}.format",
+            hint="set model.vision (a vision tower for the language model), or model.path to a LLaVA checkpoint",
+        )
     if spec.format == "preference":
         raise DataError(
             "preference pairs train with a preference method, not supervised fine-tuning",
@@ -156,7 +180,10 @@ def tokenize_dataset(
         examples = pack_documents(tokenizer, documents, max_length)
         stats = DatasetStats(name=spec.name, rows=len(rows))
     else:
-        examples, stats = encode_rows_parallel(rows, spec, tokenizer, template, max_length, bad_rows, num_proc)
+        examples, stats = encode_rows_parallel(
+            rows, spec, tokenizer, template, max_length, bad_rows, num_proc,
+            images if spec.format in VISION_FORMATS else None,
+        )
     # Rows that could not even be read count as rows too: "6 rows -> 3 examples, 3 bad".
     stats.rows += read_failures
     stats.bad_rows, stats.bad_reasons = bad_rows.count, bad_rows.reasons
@@ -222,9 +249,11 @@ def mix(parts: list[list[Example]], specs: list[DatasetSpec], seed: int) -> list
 
 
 def to_dataset(examples: list[Example]) -> Dataset:
-    return Dataset.from_dict(
-        {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]}
-    )
+    columns: dict[str, list] = {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]}
+    if any(isinstance(e, ImageExample) for e in examples):
+        # Image paths, read by the collator; text-only examples in a mixture have none.
+        columns["images"] = [list(e.images) if isinstance(e, ImageExample) else [] for e in examples]
+    return Dataset.from_dict(columns)
 
 
 def _resolve(spec: DatasetSpec, tokenizer: Any, key: str) -> Template:
@@ -239,13 +268,15 @@ def _template_for(spec: DatasetSpec, first: Template, tokenizer: Any, key: str =
     return first if spec.template == first.name else _resolve(spec, tokenizer, key)
 
 
-def _tokenize_all(config: DataConfig, tokenizer: Any, template: Template, seed: int, batch_size: int) -> Datasets:
+def _tokenize_all(
+    config: DataConfig, tokenizer: Any, template: Template, seed: int, batch_size: int, images: ImageInputs | None
+) -> Datasets:
     train_parts, stats = [], []
     eval_examples: list[Example] = []
     for index, spec in enumerate(config.datasets):
         examples, stat = tokenize_dataset(
             spec, tokenizer, _template_for(spec, template, tokenizer, f"data.datasets.{index}"), config.max_length,
-            f"data.datasets.{index}", config.on_bad_rows, config.num_proc,
+            f"data.datasets.{index}", config.on_bad_rows, config.num_proc, images,
         )
         if not config.eval_datasets:
             examples, held_out = _hold_out(examples, config.eval_split, seed + index)
@@ -259,7 +290,7 @@ def _tokenize_all(config: DataConfig, tokenizer: Any, template: Template, seed: 
     for index, spec in enumerate(config.eval_datasets):
         examples, stat = tokenize_dataset(
             spec, tokenizer, _template_for(spec, template, tokenizer, f"data.eval_datasets.{index}"), config.max_length,
-            f"data.eval_datasets.{index}", config.on_bad_rows, config.num_proc,
+            f"data.eval_datasets.{index}", config.on_bad_rows, config.num_proc, images,
         )
         stat.name = f"{stat.name} (eval)"
         eval_examples.extend(examples)
@@ -299,7 +330,8 @@ def _streaming_datasets(config: DataConfig, tokenizer: Any, template: Template) 
 
 
 def build_datasets(
-    config: DataConfig, tokenizer: Any, seed: int, *, use_cache: bool = True, batch_size: int = 8
+    config: DataConfig, tokenizer: Any, seed: int, *, use_cache: bool = True, batch_size: int = 8,
+    images: ImageInputs | None = None,
 ) -> Datasets:
     """Tokenised train and eval sets plus per-dataset statistics, from the cache when possible.
 
@@ -311,15 +343,20 @@ def build_datasets(
     template = _resolve(config.datasets[0], tokenizer, "data.datasets.0")
     if config.streaming:
         return _streaming_datasets(config, tokenizer, template)
-    cache = DataCache(config, tokenizer, seed) if use_cache else None
+    if images is not None and config.packing:
+        raise ConfigError(
+            "packing is not supported with images", where="data.packing", hint="set data.packing: false"
+        )
+    cache = DataCache(config, tokenizer, seed, extra=images.fingerprint() if images else "") if use_cache else None
     if cache is not None:
         cached = cache.load()
         if cached is not None:
             train, evaluation, meta = cached
             stats = [DatasetStats(**s) for s in meta["datasets"]]
             packing = PackingStats(**meta["packing"]) if meta.get("packing") else None
-            return Datasets(train, evaluation, stats, template, from_cache=True, packing=packing)
-    datasets = _tokenize_all(config, tokenizer, template, seed, batch_size)
+            return Datasets(train, evaluation, stats, template, from_cache=True, packing=packing, images=images)
+    datasets = _tokenize_all(config, tokenizer, template, seed, batch_size, images)
+    datasets.images = images
     if cache is not None:
         meta = {
             "datasets": [vars(s) for s in datasets.stats],

@@ -70,8 +70,10 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def cache_key(config: DataConfig, tokenizer: Any, seed: int) -> str:
+def cache_key(config: DataConfig, tokenizer: Any, seed: int, extra: str = "") -> str:
+    """`extra`: settings from outside the `data` section that change the result (image token counts)."""
     digest = hashlib.sha256()
+    digest.update(extra.encode())
     settings = config.model_dump(mode="json", by_alias=True, exclude=NOT_IN_KEY)
     digest.update(json.dumps({"version": __version__, "format": CACHE_FORMAT, "seed": seed, "data": settings}, sort_keys=True).encode())
     digest.update(tokenizer_fingerprint(tokenizer).encode())
@@ -84,9 +86,9 @@ def cache_key(config: DataConfig, tokenizer: Any, seed: int) -> str:
 class DataCache:
     """One cache entry: `train/`, `eval/` (Arrow, via `datasets`) and `stats.json`."""
 
-    def __init__(self, config: DataConfig, tokenizer: Any, seed: int) -> None:
+    def __init__(self, config: DataConfig, tokenizer: Any, seed: int, extra: str = "") -> None:
         root = Path(config.cache_dir) if config.cache_dir else default_cache_root()
-        self.key = cache_key(config, tokenizer, seed)
+        self.key = cache_key(config, tokenizer, seed, extra)
         self.path = root / self.key
 
     def load(self) -> tuple[Dataset, Dataset | None, dict[str, Any]] | None:

@@ -10,8 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
+from tuneforge.data.images import (
+    ImageInputs,
+    expand_prompt,
+    pixel_values,
+    prompt_with_images,
+)
 from tuneforge.data.templates import (
     Template,
     encode_prompt_for_generation,
@@ -20,6 +26,7 @@ from tuneforge.data.templates import (
 from tuneforge.errors import ModelError
 from tuneforge.models.generation import generate_texts
 from tuneforge.models.loading import import_custom_model
+from tuneforge.models.vlm import auto_model_class, checkpoint_image_inputs
 from tuneforge.train.run_dir import read_run_metadata
 
 
@@ -30,6 +37,7 @@ class LoadedModel:
     template: Template | None
     source: str
     system_prompt: str | None = None
+    images: ImageInputs | None = None  # a vision-language model's
 
 
 def _model_dir(model_or_run: str) -> Path | None:
@@ -55,13 +63,13 @@ def load_for_inference(model_or_run: str, *, trust_remote_code: bool = False, de
         if metadata.get("adapter"):
             from peft import PeftModel
 
-            base = AutoModelForCausalLM.from_pretrained(metadata["base_model"], dtype="auto", trust_remote_code=trust)
+            base = auto_model_class(metadata["base_model"]).from_pretrained(metadata["base_model"], dtype="auto", trust_remote_code=trust)
             if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
                 # Tokens added in training: the adapter holds their rows; make room for them.
                 base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
             model = PeftModel.from_pretrained(base, source)
         else:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype="auto", trust_remote_code=trust)
+            model = auto_model_class(source).from_pretrained(source, dtype="auto", trust_remote_code=trust)
     except (OSError, ValueError) as exc:
         raise ModelError(
             str(exc).strip().splitlines()[0],
@@ -70,10 +78,13 @@ def load_for_inference(model_or_run: str, *, trust_remote_code: bool = False, de
         ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    images = None
+    if model.config.to_dict().get("vision_config") is not None:
+        images = checkpoint_image_inputs(metadata.get("base_model") or source, source, tokenizer, trust_remote_code=trust)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     template = template_from_metadata(metadata["template"]) if metadata.get("template") else None
-    return LoadedModel(model, tokenizer, template, source, metadata.get("system_prompt"))
+    return LoadedModel(model, tokenizer, template, source, metadata.get("system_prompt"), images)
 
 
 def encode_for_model(loaded: LoadedModel, prompt: str, *, raw: bool = False, system_prompt: str | None = None) -> list[int]:
@@ -88,11 +99,30 @@ def encode_for_model(loaded: LoadedModel, prompt: str, *, raw: bool = False, sys
 
 
 def generate(
-    loaded: LoadedModel, prompts: list[str], *, raw: bool = False, system_prompt: str | None = None, **options: Any
+    loaded: LoadedModel, prompts: list[str], *, raw: bool = False, system_prompt: str | None = None,
+    images: list[list[str]] | None = None, **options: Any,
 ) -> list[str]:
+    if images is not None:
+        prompts = _image_prompts(loaded, prompts, images)
     ids = [encode_for_model(loaded, p, raw=raw, system_prompt=system_prompt) for p in prompts]
+    if images is not None:
+        assert loaded.images is not None  # checked by _image_prompts
+        ids = [expand_prompt(prompt_ids, loaded.images) for prompt_ids in ids]
+        options["pixel_values"] = [pixel_values(loaded.images.processor, paths) for paths in images]
     stops = loaded.template.stop_token_ids(loaded.tokenizer) if loaded.template and not raw else None
     return generate_texts(loaded.model, loaded.tokenizer, ids, stop_token_ids=stops, **options)
+
+
+def _image_prompts(loaded: LoadedModel, prompts: list[str], images: list[list[str]]) -> list[str]:
+    """Prompts with one image placeholder per image (`images[i]` are prompt i's image files)."""
+    if loaded.images is None:
+        raise ModelError(
+            "images were given but this is a text-only model", where=loaded.source,
+            hint="use a vision-language run or checkpoint, or leave out --image",
+        )
+    if len(images) != len(prompts):
+        raise ModelError(f"{len(images)} image lists for {len(prompts)} prompts", where="--image")
+    return [prompt_with_images(p, len(paths), loaded.images.image_token) for p, paths in zip(prompts, images)]
 
 
 __all__ = ["LoadedModel", "encode_for_model", "generate", "load_for_inference"]

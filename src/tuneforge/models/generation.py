@@ -7,6 +7,13 @@ from typing import Any
 import torch
 
 
+def _images(pixel_values: list[torch.Tensor] | None, start: int, size: int, device: Any) -> dict[str, torch.Tensor]:
+    """The batch's images as `generate` keywords (none for a text-only model)."""
+    if pixel_values is None:
+        return {}
+    return {"pixel_values": torch.cat(pixel_values[start : start + size]).to(device)}
+
+
 @torch.no_grad()
 def generate_texts(
     model: torch.nn.Module,
@@ -19,8 +26,12 @@ def generate_texts(
     top_k: int = 0,
     repetition_penalty: float = 1.0,
     stop_token_ids: list[int] | None = None,
+    pixel_values: list[torch.Tensor] | None = None,
 ) -> list[str]:
     """Decode a continuation per prompt (greedy when `temperature` is 0), stopping at EOS.
+
+    A vision-language model takes `pixel_values`: one tensor per prompt, its images in
+    placeholder order.
 
     Prompts arrive as ids, encoded by the same template code as training, and are
     left-padded into one batch.
@@ -44,6 +55,7 @@ def generate_texts(
         pad_token_id=pad_id,
         eos_token_id=stop_token_ids or tokenizer.eos_token_id,
         **sampling,
+        **_images(pixel_values, 0, len(prompt_ids), device),
     )
     model.train(was_training)
     return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in output]

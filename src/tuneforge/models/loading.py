@@ -19,6 +19,7 @@ from transformers import (
     CONFIG_MAPPING,
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     AutoTokenizer,
     BitsAndBytesConfig,
     PretrainedConfig,
@@ -28,6 +29,7 @@ from transformers import (
 from tuneforge.config.schema import ModelConfig
 from tuneforge.config.targets import instantiate
 from tuneforge.errors import ModelError
+from tuneforge.models.vlm import assemble_vlm, is_vlm_config
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +74,9 @@ def check_remote_code(config: ModelConfig) -> None:
         ) from None
     # Hub checkpoints often name their own code although transformers implements the
     # model_type itself; without trust_remote_code transformers uses its own classes then.
-    if "auto_map" in config_dict and not _is_builtin_model_type(config_dict.get("model_type")):
+    # A composite VLM (models/vlm.py) carries its language model's code in text_config.
+    needs_code = "auto_map" in config_dict or "auto_map" in (config_dict.get("text_config") or {})
+    if needs_code and not _is_builtin_model_type(config_dict.get("model_type")):
         files = _custom_code_files(config.path)
         listed = f" ({', '.join(files)})" if files else ""
         raise ModelError(
@@ -122,7 +126,8 @@ def _configure_moe(model_config: PretrainedConfig, config: ModelConfig) -> None:
     text_config = model_config.get_text_config()
     if not hasattr(text_config, "output_router_logits"):
         return
-    text_config.output_router_logits = config.moe_aux_loss
+    # LLaVA's outputs have no place for router logits, so a VLM's MoE trains without router loss.
+    text_config.output_router_logits = config.moe_aux_loss and not is_vlm_config(model_config)
     if config.moe_aux_loss_coef is not None:
         text_config.router_aux_loss_coef = config.moe_aux_loss_coef
 
@@ -225,9 +230,14 @@ def load_model(config: ModelConfig) -> torch.nn.Module:
                 where="model.builder",
             )
         return model
+    if config.vision is not None:
+        language_model = load_model(config.model_copy(update={"vision": None}))
+        return assemble_vlm(config, language_model, resolve_dtype(config))
     check_quantization_support(config)
     check_weight_files(config)
     model_config = load_model_config(config)
+    # A VLM checkpoint (LLaVA, or a run's stage-1 output) loads as image-text-to-text.
+    auto_class = AutoModelForImageTextToText if is_vlm_config(model_config) else AutoModelForCausalLM
     dtype = resolve_dtype(config)
     extra: dict[str, Any] = {}
     if config.quantization != "none":
@@ -243,10 +253,10 @@ def load_model(config: ModelConfig) -> torch.nn.Module:
         extra["attn_implementation"] = config.attn_implementation
     try:
         if config.init == "random":
-            return AutoModelForCausalLM.from_config(
+            return auto_class.from_config(
                 model_config, dtype=dtype, trust_remote_code=config.trust_remote_code, **extra
             )
-        return AutoModelForCausalLM.from_pretrained(
+        return auto_class.from_pretrained(
             config.path,
             config=model_config,
             dtype=dtype,

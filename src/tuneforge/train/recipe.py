@@ -22,6 +22,7 @@ from tuneforge.config.schema import Config, DatasetSpec, LoraMethod
 from tuneforge.config.training_args import to_training_arguments
 from tuneforge.data.build import SUPERVISED_FORMATS, Datasets, build_datasets
 from tuneforge.data.formats import row_to_messages
+from tuneforge.data.images import VISION_FORMATS, ImageCollator, ImageInputs
 from tuneforge.data.packing import PackedCollator
 from tuneforge.data.sources import read_rows
 from tuneforge.data.templates import (
@@ -41,6 +42,12 @@ from tuneforge.models.loading import (
     load_tokenizer,
     preflight,
     register_custom_model,
+)
+from tuneforge.models.vlm import (
+    fit_to_tokenizer,
+    prepare_image_inputs,
+    save_processor,
+    vlm_method,
 )
 from tuneforge.train.callbacks import MetricsLogger, TrainingProgress
 from tuneforge.train.checkpoints import estimate_save_bytes
@@ -102,6 +109,8 @@ def _save_final(
             generation_config.eos_token_id = datasets.template.stop_token_ids(tokenizer)
     trainer.save_model(str(model_dir))
     tokenizer.save_pretrained(str(model_dir))
+    if datasets.images is not None:
+        save_processor(model_dir, tokenizer, datasets.images, trainer.model)
     is_adapter = isinstance(config.method, LoraMethod)
     base = str(base_dir.resolve()) if base_dir is not None else config.model.path
     write_run_metadata(
@@ -125,7 +134,8 @@ def _save_final(
 def _show_samples(config: Config, model: Any, tokenizer: Any, template: Template | None) -> list[dict[str, str]]:
     samples_config = config.output.samples
     spec: DatasetSpec = config.data.datasets[0]
-    if samples_config is None or template is None or spec.format not in SUPERVISED_FORMATS:
+    # Samples show text prompts; image rows would need their images (not shown yet).
+    if samples_config is None or template is None or spec.format not in SUPERVISED_FORMATS or spec.format in VISION_FORMATS:
         return []
     sample_spec = spec.model_copy(update={"path": samples_config.path, "source": None, "max_rows": None})
     rows = read_rows(sample_spec, "output.samples")[: samples_config.count]
@@ -174,23 +184,28 @@ def _check_data(config: Config, datasets: Datasets) -> None:
 
 
 def _setup_model(
-    config: Config, args: transformers.TrainingArguments, tokenizer: Any, run_dir: Path
+    config: Config, args: transformers.TrainingArguments, tokenizer: Any, run_dir: Path,
+    images: ImageInputs | None = None,
 ) -> tuple[Any, ParameterCounts, Path | None, str | None]:
     """Load the model, pick packed attention, keep random base weights, apply the method."""
     model = load_model(config.model)
+    method = config.method
+    if images is not None:
+        fit_to_tokenizer(model, tokenizer, images)
+        method = vlm_method(method, model)
     model_class = register_custom_model(model) if config.model.builder is not None else None
     new_token_ids = add_new_token_rows(model, tokenizer, config.model)
     if config.data.packing:
         _say(f"packed batches use attention implementation '{enable_packed_attention(model, device=args.device)}'")
     base_dir = None
-    if config.model.init == "random" and isinstance(config.method, LoraMethod):
-        # Random base weights exist nowhere else: keep them so the adapter stays usable.
+    if (config.model.init == "random" or config.model.vision is not None) and isinstance(config.method, LoraMethod):
+        # Random or just-assembled base weights exist nowhere else: keep them so the adapter stays usable.
         base_dir = run_dir / "base"
         if not base_dir.exists():
             model.save_pretrained(str(base_dir))
             tokenizer.save_pretrained(str(base_dir))
     model, counts = prepare_model(
-        config.method, model, new_token_ids=new_token_ids, gradient_checkpointing=bool(args.gradient_checkpointing)
+        method, model, new_token_ids=new_token_ids, gradient_checkpointing=bool(args.gradient_checkpointing)
     )
     _attach_input_grads_for_checkpointing(model, args)
     _say(f"method {config.method.name}: {counts.describe()}")
@@ -209,6 +224,9 @@ def _build_trainer(
         if config.data.packing
         else DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
     )
+    if datasets.images is not None:
+        collator = ImageCollator(tokenizer, datasets.images.processor)
+        args.remove_unused_columns = False  # the image paths must reach the collator
     trainer = TuneforgeTrainer(
         max_nonfinite_steps=config.guards.max_nonfinite_steps,
         model=model,
@@ -268,13 +286,14 @@ def train(
     transformers.set_seed(config.train.seed)
     tokenizer = load_tokenizer(config.model)
     datasets = build_datasets(
-        config.data, tokenizer, seed=config.train.seed, batch_size=config.train.per_device_train_batch_size
+        config.data, tokenizer, seed=config.train.seed, batch_size=config.train.per_device_train_batch_size,
+        images=prepare_image_inputs(config.model, tokenizer),
     )
     _log_data(datasets)
     _check_data(config, datasets)
 
     args = _build_training_arguments(config, run_dir)
-    model, counts, base_dir, model_class = _setup_model(config, args, tokenizer, run_dir)
+    model, counts, base_dir, model_class = _setup_model(config, args, tokenizer, run_dir, datasets.images)
     metrics_path = run_dir / "metrics.jsonl"
     if resume is not None:
         trim_metrics(metrics_path, checkpoint_step(resume))
