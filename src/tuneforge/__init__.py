@@ -2,7 +2,8 @@
 
     tuneforge train examples/quickstart.yaml
 
-The Python entry point mirrors the CLI: ``tuneforge.train("config.yaml")``.
+The Python entry point mirrors the CLI: ``tuneforge.train("config.yaml")``, and
+``tuneforge.Finetuner`` builds the same config in a few calls (docs/python-api.md).
 """
 
 __version__ = "0.1.0"
@@ -31,4 +32,13 @@ def train(config, overrides=None, callbacks=None):
     return result
 
 
-__all__ = ["ConfigError", "DataError", "ModelError", "TuneforgeError", "__version__", "train"]
+def __getattr__(name):
+    # Lazy, so `import tuneforge` stays light until the API is used.
+    if name == "Finetuner":
+        from tuneforge.api import Finetuner
+
+        return Finetuner
+    raise AttributeError(f"module 'tuneforge' has no attribute '{name}'")
+
+
+__all__ = ["ConfigError", "DataError", "Finetuner", "ModelError", "TuneforgeError", "__version__", "train"]

@@ -12,7 +12,17 @@ import os
 import sys
 
 from tuneforge import __version__
-from tuneforge.cli import data, export, generate, merge, preprocess, train
+from tuneforge.cli import (
+    chat,
+    compare,
+    data,
+    export,
+    generate,
+    merge,
+    preprocess,
+    train,
+)
+from tuneforge.cli import eval as eval_verb
 from tuneforge.errors import TuneforgeError
 
 # verb -> module with `add_arguments(parser)` and `run(args) -> int`; the modules call the library.
@@ -21,6 +31,9 @@ VERBS = {
     "preprocess": preprocess,
     "data": data,
     "generate": generate,
+    "chat": chat,
+    "compare": compare,
+    "eval": eval_verb,
     "merge": merge,
     "export": export,
 }

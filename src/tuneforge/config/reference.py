@@ -19,6 +19,8 @@ from tuneforge.config.schema import (
     Component,
     DataConfig,
     DatasetSpec,
+    EvalConfig,
+    EvalTask,
     FreezeMethod,
     FullMethod,
     GuardsConfig,
@@ -43,6 +45,8 @@ SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("output", OutputConfig, "Where results go."),
     ("output.samples", SamplesConfig, "Generations shown at the end of training."),
     ("guards", GuardsConfig, "What training does when values go bad."),
+    ("eval", EvalConfig, "Evaluation tasks run during training (`tuneforge eval` runs the same tasks on a saved model)."),
+    ("eval.tasks[]", EvalTask, "One evaluation task."),
 ]
 
 

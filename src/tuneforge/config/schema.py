@@ -448,6 +448,68 @@ class GuardsConfig(Section):
     )
 
 
+EVAL_TASK_FORMATS = {
+    "loss": ("instruction", "chat", "multiple_choice", "text"),
+    "multiple_choice": ("multiple_choice",),
+    "qa": ("instruction", "chat"),
+}
+
+
+class EvalTask(Section):
+    type: Literal["loss", "multiple_choice", "qa"] = Field(
+        description="`loss`: loss and perplexity on the trained tokens, masked as in training; "
+        "`multiple_choice`: accuracy, the model picking the choice it gives the highest "
+        "log-likelihood as a reply; `qa`: generate each answer, exact match and character-level F1 "
+        "against the response."
+    )
+    data: DatasetSpec = Field(
+        description="The dataset, as in `data.datasets` (`format: multiple_choice` for multiple "
+        "choice; `max_rows` keeps evaluation quick). Its `template: auto` means the run's template."
+    )
+    name: str | None = Field(
+        None, description="Name in the metric keys, `eval_<name>_accuracy`; default: the type."
+    )
+    normalize: Literal["none", "tokens", "chars"] = Field(
+        "tokens",
+        description="Multiple choice: a choice's log-likelihood summed (`none`), or divided by its "
+        "number of scored tokens or of characters, so longer choices are not penalised.",
+    )
+    max_new_tokens: int = Field(32, gt=0, description="qa: generation length limit.")
+    max_length: int = Field(1024, gt=1, description="loss: longest sequence in tokens (see `on_too_long`).")
+    batch_size: int = Field(8, gt=0, description="Sequences scored or generated together.")
+
+    @model_validator(mode="after")
+    def _format_fits_type(self) -> EvalTask:
+        if self.data.format not in EVAL_TASK_FORMATS[self.type]:
+            raise ValueError(
+                f"a {self.type} task reads {' or '.join(EVAL_TASK_FORMATS[self.type])} data, "
+                f"not format '{self.data.format}'"
+            )
+        return self
+
+    @property
+    def key(self) -> str:
+        return self.name or self.type
+
+
+class EvalConfig(Section):
+    tasks: list[EvalTask] = Field(
+        default_factory=list,
+        description="Tasks run at every evaluation during training (before, at `eval_steps`, "
+        "after); their results are logged as `eval_<name>_<metric>` (e.g. `eval_jcqa_accuracy`) "
+        "and can be `train.metric_for_best_model`. Needs evaluation data (`data.eval_split` or "
+        "`data.eval_datasets`), which is what makes the Trainer evaluate.",
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> EvalConfig:
+        keys = [task.key for task in self.tasks]
+        repeated = sorted({key for key in keys if keys.count(key) > 1})
+        if repeated:
+            raise ValueError(f"eval task names must differ (their metrics share keys): {', '.join(repeated)}; set 'name'")
+        return self
+
+
 class Config(Section):
     model: ModelConfig = Field(description="What to fine-tune.")
     data: DataConfig = Field(description="What to train on.")
@@ -461,6 +523,9 @@ class Config(Section):
     )
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
     guards: GuardsConfig = Field(default_factory=GuardsConfig, description="What training does when values go bad.")
+    eval: EvalConfig = Field(
+        default_factory=EvalConfig, description="Evaluation tasks (accuracy, exact match) run during training."
+    )
 
     @model_validator(mode="after")
     def _supported_combination(self) -> Config:
@@ -468,5 +533,10 @@ class Config(Section):
             raise ValueError(
                 f"a {self.model.quantization} quantized base cannot be trained with method "
                 f"'{self.method.name}': only adapters train on quantized weights; use method.name: lora"
+            )
+        if self.eval.tasks and not (self.data.eval_datasets or self.data.eval_split > 0):
+            raise ValueError(
+                "eval.tasks run when the Trainer evaluates, which needs evaluation data: set "
+                "data.eval_split or data.eval_datasets"
             )
         return self

@@ -1,10 +1,13 @@
 """Load a trained run (or any causal LM) and generate from prompts formatted as in training.
 
     tuneforge generate runs/quickstart --prompt "Write forty two in digits."
+    loaded = load_for_inference("runs/quickstart")
+    generate(loaded, ["Write forty two in digits."], batch_size=8)
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +24,10 @@ from tuneforge.data.images import (
 from tuneforge.data.templates import (
     Template,
     encode_prompt_for_generation,
+    resolve_template,
     template_from_metadata,
 )
-from tuneforge.errors import ModelError
+from tuneforge.errors import ConfigError, ModelError
 from tuneforge.models.generation import generate_texts
 from tuneforge.models.loading import import_custom_model
 from tuneforge.models.vlm import auto_model_class, checkpoint_image_inputs
@@ -83,8 +87,27 @@ def load_for_inference(model_or_run: str, *, trust_remote_code: bool = False, de
         images = checkpoint_image_inputs(metadata.get("base_model") or source, source, tokenizer, trust_remote_code=trust)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    template = template_from_metadata(metadata["template"]) if metadata.get("template") else None
-    return LoadedModel(model, tokenizer, template, source, metadata.get("system_prompt"), images)
+    return LoadedModel(
+        model, tokenizer, _saved_template(metadata, tokenizer, source), source, metadata.get("system_prompt"), images
+    )
+
+
+def _saved_template(metadata: dict[str, Any], tokenizer: Any, source: str) -> Template | None:
+    """The run's template; else the tokenizer's own chat template; else None (raw prompts).
+
+    A checkpoint without `tuneforge.json` (a run's `quantized/`, a copied export, a hub chat
+    model) still carries the training template as its tokenizer's chat template.
+    """
+    if metadata.get("template"):
+        return template_from_metadata(metadata["template"])
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        return resolve_template("tokenizer", tokenizer)
+    except ConfigError as error:
+        # Generation still works on raw prompts; say why the template is not used.
+        print(f"[tuneforge] {source}: not using the tokenizer's chat template: {error.message}", file=sys.stderr)
+        return None
 
 
 def encode_for_model(loaded: LoadedModel, prompt: str, *, raw: bool = False, system_prompt: str | None = None) -> list[int]:
@@ -102,6 +125,7 @@ def generate(
     loaded: LoadedModel, prompts: list[str], *, raw: bool = False, system_prompt: str | None = None,
     images: list[list[str]] | None = None, **options: Any,
 ) -> list[str]:
+    """One continuation per prompt; `options` go to `generate_texts` (sampling, `batch_size`, `streamer`)."""
     if images is not None:
         prompts = _image_prompts(loaded, prompts, images)
     ids = [encode_for_model(loaded, p, raw=raw, system_prompt=system_prompt) for p in prompts]

@@ -51,6 +51,7 @@ from tuneforge.models.vlm import (
 )
 from tuneforge.train.callbacks import MetricsLogger, TrainingProgress
 from tuneforge.train.checkpoints import estimate_save_bytes
+from tuneforge.train.eval_callback import EvalTasksCallback
 from tuneforge.train.preemption import install_preemption_handlers, raise_if_preempted
 from tuneforge.train.run_dir import (
     check_disk_space,
@@ -305,6 +306,8 @@ def train(
             config, args, model, tokenizer, datasets,
             [metrics_logger, TrainingProgress(), preemption, *(callbacks or [])],
         )
+        if config.eval.tasks:
+            trainer.add_callback(EvalTasksCallback(trainer, config.eval.tasks, datasets.template))
         measured = _fit(trainer, resume, datasets.eval is not None)
 
     model_dir = _save_final(config, trainer, tokenizer, datasets, run_dir, base_dir, model_class)

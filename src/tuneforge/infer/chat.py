@@ -1,0 +1,126 @@
+"""Multi-turn chat with a trained model; the history is encoded exactly as training encodes it.
+
+    session = ChatSession(load_for_inference("runs/chat"), system_prompt="Be brief.")
+    session.send("Hello")          # the reply
+    session.send("And then?")      # sees the first turn, rendered with the run's template
+
+Each turn renders the whole history with the run's template (`data/templates.py`, the code
+that formats training conversations) and the generation prompt, so the model sees earlier
+turns as it saw them in multi-turn training data.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from tuneforge.data.templates import (
+    Message,
+    encode_generation_prompt,
+    render,
+    resolve_template,
+)
+from tuneforge.infer.generate import LoadedModel
+from tuneforge.models.generation import generate_texts
+
+COMMANDS = {"/reset": "forget the conversation (the system prompt stays)", "/exit": "quit"}
+
+
+class ChatSession:
+    """A conversation with `loaded`: the history, and how it becomes the next prompt.
+
+    Args:
+        loaded: From `load_for_inference`.
+        system_prompt: System message first in the history; default: the run's own.
+        options: Generation options for `generate_texts` (`max_new_tokens`, `temperature`, ...).
+    """
+
+    def __init__(self, loaded: LoadedModel, *, system_prompt: str | None = None, **options: Any) -> None:
+        self.loaded = loaded
+        # A model saved without any template gets what training would have given it: `auto`.
+        self.template = loaded.template or resolve_template("auto", loaded.tokenizer)
+        self.system_prompt = system_prompt if system_prompt is not None else loaded.system_prompt
+        self.options = options
+        self.messages: list[Message] = []
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every turn; keep the system prompt."""
+        self.messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+
+    def ask(self, text: str) -> None:
+        """Add a user turn (the next `respond` answers it)."""
+        self.messages.append({"role": "user", "content": text})
+
+    def prompt_text(self) -> str:
+        """The history as the model will read it, ending with the assistant header."""
+        return render(self.loaded.tokenizer, self.template, self.messages, add_generation_prompt=True)
+
+    def respond(self, streamer: Any = None) -> str:
+        """Generate the assistant's reply to the history and add it to the history."""
+        tokenizer = self.loaded.tokenizer
+        prompt_ids = encode_generation_prompt(tokenizer, self.template, self.messages)
+        (reply,) = generate_texts(
+            self.loaded.model, tokenizer, [prompt_ids],
+            stop_token_ids=self.template.stop_token_ids(tokenizer), streamer=streamer, **self.options,
+        )
+        reply = reply.strip()
+        self.messages.append({"role": "assistant", "content": reply})
+        return reply
+
+    def send(self, text: str, streamer: Any = None) -> str:
+        """`ask` then `respond`."""
+        self.ask(text)
+        return self.respond(streamer)
+
+
+def _turns(interactive: bool) -> Iterator[str]:
+    """User lines: `input()` with line editing on a terminal, stdin lines from a pipe."""
+    if not interactive:
+        yield from sys.stdin
+        return
+    import readline  # noqa: F401  imported for its side effect: line editing and history in input()
+
+    while True:
+        try:
+            yield input("you> ")
+        except EOFError:  # Ctrl-D
+            print()
+            return
+
+
+def run_chat(session: ChatSession, *, interactive: bool, stream: bool, show_prompt: bool = False) -> int:
+    """The read-reply loop of `tuneforge chat`; returns the number of replies given.
+
+    On a terminal it greets and prompts; from a pipe it prints only the replies (and, with
+    `show_prompt`, the exact prompt text of each turn between `[prompt]` and `[/prompt]`).
+    """
+    from transformers import TextStreamer
+
+    if interactive:
+        commands = ", ".join(f"{name} ({what})" for name, what in COMMANDS.items())
+        print(f"chatting with {session.loaded.source} (template {session.template.name}); {commands}")
+    replies = 0
+    for line in _turns(interactive):
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            break
+        if text == "/reset":
+            session.reset()
+            print("(history cleared)", flush=True)
+            continue
+        session.ask(text)
+        if show_prompt:
+            print(f"[prompt]\n{session.prompt_text()}\n[/prompt]", flush=True)
+        if stream:
+            session.respond(TextStreamer(session.loaded.tokenizer, skip_prompt=True, skip_special_tokens=True))
+        else:
+            print(session.respond(), flush=True)
+        replies += 1
+    return replies
+
+
+__all__ = ["COMMANDS", "ChatSession", "run_chat"]
