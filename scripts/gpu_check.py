@@ -19,25 +19,8 @@ from pathlib import Path
 import torch
 import yaml
 
-SHAPES = {
-    # Llama-3.1-8B: 8.03B parameters.
-    "llama-8b": dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
-        rope_theta=500000.0, tie_word_embeddings=False,
-    ),
-    # For a quick CPU smoke test of this script: --shape tiny --steps 2.
-    "tiny": dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=8000, max_position_embeddings=4096,
-    ),
-    # Llama-3.2-1B: 1.24B parameters.
-    "llama-1b": dict(
-        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096,
-        rope_theta=500000.0, tie_word_embeddings=True,
-    ),
-}
+# The benchmark's model shapes (Llama-3.1-8B, Llama-3.2-1B, and a tiny one for CPU checks).
+from tuneforge.bench.cases import SHAPES
 
 
 def build_tokenizer(corpus: list[str], directory: Path) -> Path:

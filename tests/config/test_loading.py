@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tuneforge.config import load_config, parse_override
 from tuneforge.config.schema import FreezeMethod, LoraMethod
@@ -161,3 +162,17 @@ def test_dataset_needs_exactly_one_source(tmp_path):
     path = write(tmp_path, "model: {path: m}\ndata:\n  datasets:\n    - format: text\n")
     with pytest.raises(ConfigError, match="exactly one of 'path'"):
         load_config(path)
+
+
+def test_the_saved_config_holds_every_section_and_loads_back_equal(tmp_path):
+    from tuneforge.config import dump_config
+    from tuneforge.config.schema import Config
+
+    config = load_config(
+        {"model": {"path": "m"}, "data": {"datasets": [{"path": "d.jsonl"}]}},
+        ["guards.max_nonfinite_steps=0", "speed.activations=offload", "output.dir=" + str(tmp_path)],
+    )
+    saved = yaml.safe_load(dump_config(config))
+    assert list(saved)[:4] == ["model", "data", "method", "train"]
+    assert set(saved) == set(Config.model_fields)
+    assert load_config(saved) == config

@@ -179,3 +179,20 @@ def test_unknown_optimizer_or_scheduler_is_a_config_error_at_load_time(tiny_mode
         load_config({**base, "train": {"optim": "adamw_torch_fusd"}})
     with pytest.raises(ConfigError, match=r"train\.lr_scheduler_type.*'cosin'.*did you mean 'cosine'"):
         load_config({**base, "train": {"lr_scheduler_type": "cosin"}})
+
+
+def test_quantized_base_keeps_its_frozen_weights_in_bf16_and_passes_grads_to_checkpointed_layers(tiny_model_dir):
+    from tuneforge.methods.lora import apply_lora
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16)
+    model.is_quantized = True  # the branch bitsandbytes-loaded models take; the kernels need a GPU
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    peft_model = apply_lora(LoraMethod(name="lora", r=4), model, gradient_checkpointing=True)
+    for name, parameter in peft_model.named_parameters():
+        if "lora_" in name:
+            assert parameter.requires_grad
+        else:
+            assert not parameter.requires_grad
+            assert parameter.dtype == dtypes[name.replace("base_model.model.", "").replace(".base_layer", "")]
+    embeddings = peft_model.get_input_embeddings()(torch.tensor([[1, 2]]))
+    assert embeddings.requires_grad  # checkpointed blocks see inputs that carry grad

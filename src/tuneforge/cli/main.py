@@ -13,6 +13,7 @@ import sys
 
 from tuneforge import __version__
 from tuneforge.cli import (
+    bench,
     chat,
     compare,
     data,
@@ -36,6 +37,7 @@ VERBS = {
     "eval": eval_verb,
     "merge": merge,
     "export": export,
+    "bench": bench,
 }
 
 

@@ -266,8 +266,9 @@ def dump_config(config: Config) -> str:
     data = config.model_dump(mode="json", by_alias=True, exclude={"train"})
     train = dict(TUNEFORGE_DEFAULTS)
     train.update(config.train.model_dump(mode="json", exclude_unset=True))
-    ordered = {"model": data["model"], "data": data["data"], "method": data["method"], "train": train}
-    ordered["output"] = data["output"]
+    # Pipeline order first, then every other section, so a new section is never left out.
+    ordered = {"model": data.pop("model"), "data": data.pop("data"), "method": data.pop("method"), "train": train}
+    ordered.update(data)
     return yaml.safe_dump(redact(ordered), sort_keys=False, allow_unicode=True)
 
 

@@ -29,6 +29,7 @@ from tuneforge.config.schema import (
     OutputConfig,
     QatSettings,
     SamplesConfig,
+    SpeedConfig,
     VisionConfig,
 )
 from tuneforge.config.training_args import TUNEFORGE_DEFAULTS
@@ -44,6 +45,7 @@ SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("method.qat", QatSettings, "Quantization-aware training (methods full and freeze; needs torchao)."),
     ("output", OutputConfig, "Where results go."),
     ("output.samples", SamplesConfig, "Generations shown at the end of training."),
+    ("speed", SpeedConfig, "Kernels and activation memory (see docs/benchmarks.md)."),
     ("guards", GuardsConfig, "What training does when values go bad."),
     ("eval", EvalConfig, "Evaluation tasks run during training (`tuneforge eval` runs the same tasks on a saved model)."),
     ("eval.tasks[]", EvalTask, "One evaluation task."),

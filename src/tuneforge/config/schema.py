@@ -438,6 +438,31 @@ class OutputConfig(Section):
     )
 
 
+class SpeedConfig(Section):
+    liger: bool | Literal["auto"] = Field(
+        "auto",
+        description="Liger Triton kernels (RMSNorm, RoPE, SwiGLU, and a fused output layer + "
+        "cross-entropy that never materialises the logits). `auto`: on when a CUDA GPU, "
+        "liger-kernel and a model type it supports are present.",
+    )
+    activations: Literal["auto", "keep", "recompute", "offload"] = Field(
+        "auto",
+        description="Where the activations saved for the backward pass live. `keep`: in GPU memory "
+        "(fastest); `recompute`: recomputed per decoder layer (every `recompute_every`-th layer); "
+        "`offload`: every layer recomputed, its input kept in pinned CPU memory. `auto`: on a "
+        "GPU, the fastest that fits `memory_budget_gib` by an estimate from the model's shape; "
+        "elsewhere as `train.gradient_checkpointing` says.",
+    )
+    recompute_every: int = Field(
+        1, ge=1, description="With `activations: recompute`: recompute every N-th decoder layer only (1: all)."
+    )
+    memory_budget_gib: float | None = Field(
+        None,
+        gt=0,
+        description="GPU memory `activations: auto` plans for; default 90% of the GPU's memory.",
+    )
+
+
 class GuardsConfig(Section):
     max_nonfinite_steps: int = Field(
         3,
@@ -522,6 +547,7 @@ class Config(Section):
         "installed transformers).",
     )
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
+    speed: SpeedConfig = Field(default_factory=SpeedConfig, description="Kernels and activation memory.")
     guards: GuardsConfig = Field(default_factory=GuardsConfig, description="What training does when values go bad.")
     eval: EvalConfig = Field(
         default_factory=EvalConfig, description="Evaluation tasks (accuracy, exact match) run during training."

@@ -17,6 +17,7 @@ RENAMED_KEYS: dict[str, str] = {
     "keys_to_finetune": "method.trainable (with method.name: freeze)",
     "keys_to_freeze": "method.frozen (with method.name: freeze)",
     "lora_r": "method.r",
+    "use_liger_kernel": "speed.liger",
     "model_name_or_path": "model.path",
     "pretrained_name": "model.path",
 }

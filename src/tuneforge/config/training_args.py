@@ -20,7 +20,7 @@ from transformers import TrainingArguments
 from tuneforge.config.section import RENAMED_KEYS, Section
 
 # Owned by other sections (see RENAMED_KEYS) or set by tuneforge itself.
-EXCLUDED_FIELDS = {"output_dir", "resume_from_checkpoint", "local_rank"}
+EXCLUDED_FIELDS = {"output_dir", "resume_from_checkpoint", "local_rank", "use_liger_kernel"}
 
 # Where tuneforge's default differs from transformers': small runs should log often.
 TUNEFORGE_DEFAULTS: dict[str, Any] = {"logging_steps": 10, "report_to": "none"}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +221,12 @@ def import_custom_model(dotted: str) -> None:
     AutoModelForCausalLM.register(model_class.config_class, model_class, exist_ok=True)
 
 
+def _local_device() -> torch.device:
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def load_model(config: ModelConfig) -> torch.nn.Module:
     """Build the causal LM: a `_target_` builder, fresh random weights, or a pretrained checkpoint."""
     if config.builder is not None:
@@ -253,9 +260,11 @@ def load_model(config: ModelConfig) -> torch.nn.Module:
         extra["attn_implementation"] = config.attn_implementation
     try:
         if config.init == "random":
-            return auto_class.from_config(
-                model_config, dtype=dtype, trust_remote_code=config.trust_remote_code, **extra
-            )
+            # Built where it will train: an 8B model takes minutes to initialise on a CPU, seconds on a GPU.
+            with torch.device(_local_device()):
+                return auto_class.from_config(
+                    model_config, dtype=dtype, trust_remote_code=config.trust_remote_code, **extra
+                )
         return auto_class.from_pretrained(
             config.path,
             config=model_config,

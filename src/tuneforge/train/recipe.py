@@ -53,6 +53,7 @@ from tuneforge.train.callbacks import MetricsLogger, TrainingProgress
 from tuneforge.train.checkpoints import estimate_save_bytes
 from tuneforge.train.eval_callback import EvalTasksCallback
 from tuneforge.train.preemption import install_preemption_handlers, raise_if_preempted
+from tuneforge.train.speed import plan_speed
 from tuneforge.train.run_dir import (
     check_disk_space,
     checkpoint_step,
@@ -208,6 +209,12 @@ def _setup_model(
     model, counts = prepare_model(
         method, model, new_token_ids=new_token_ids, gradient_checkpointing=bool(args.gradient_checkpointing)
     )
+    plan = plan_speed(
+        config.speed, config.train, model,
+        tokens_per_micro_batch=args.per_device_train_batch_size * config.data.max_length, device=args.device,
+    )
+    plan.apply(args)
+    _say(plan.describe())
     _attach_input_grads_for_checkpointing(model, args)
     _say(f"method {config.method.name}: {counts.describe()}")
     per_save = estimate_save_bytes(model, save_only_model=bool(args.save_only_model))

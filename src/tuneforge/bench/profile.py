@@ -1,0 +1,90 @@
+"""Where one training step's time goes, by kernel class: `tuneforge bench --profile`.
+
+A `TrainerCallback` profiles one optimizer step after warm-up with `torch.profiler` and sums
+device time per class of kernel (matched on kernel names), plus the host's wait for the next
+batch and host-device copies, so a missed target shows what to work on.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+# First match wins: attention kernels contain "gemm"-like names, so they come before matmul.
+KERNEL_CLASSES: list[tuple[str, re.Pattern[str]]] = [
+    ("attention", re.compile(r"flash|fmha|attention|attn|varlen", re.IGNORECASE)),
+    ("loss", re.compile(r"cross_entropy|crossentropy|nll_loss|log_softmax|liger.*(ce|cross)", re.IGNORECASE)),
+    ("norm", re.compile(r"rms|layer_norm|layernorm|norm_kernel", re.IGNORECASE)),
+    ("optimizer", re.compile(r"adam|multi_tensor|foreach|fused_optim", re.IGNORECASE)),
+    ("quantization", re.compile(r"dequant|kgemm_4bit|nf4|quantize", re.IGNORECASE)),
+    # GPU kernels (gemm, cutlass, nvjet...) and, on a CPU, the operators (aten::mm, MmBackward0).
+    ("matmul", re.compile(r"gemm|matmul|xmma|cutlass|nvjet|sm\d+_|wgmma|cublas|aten::(add|b)?mm\b|aten::linear|MmBackward", re.IGNORECASE)),
+    ("host-device copies", re.compile(r"memcpy|memset", re.IGNORECASE)),
+]
+
+
+def classify(kernel_name: str) -> str:
+    for name, pattern in KERNEL_CLASSES:
+        if pattern.search(kernel_name):
+            return name
+    return "elementwise and other"
+
+
+class StepProfiler(TrainerCallback):
+    """Profiles optimizer step number `step` (1-based) and keeps the device time per kernel class."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.seconds_by_class: dict[str, float] = {}
+        self._profiler: Any = None
+        self._last_step_end = 0.0
+        self.data_wait_seconds = 0.0
+        self.top_other: list[tuple[str, float]] = []  # the unclassified kernels that cost most
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step + 1 != self.step:
+            return
+        # The gap since the previous step ended is the dataloader and the host's bookkeeping.
+        self.data_wait_seconds = time.perf_counter() - self._last_step_end if self._last_step_end else 0.0
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self._profiler = torch.profiler.profile(activities=activities)
+        self._profiler.__enter__()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._last_step_end = time.perf_counter()
+        if self._profiler is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._profiler.__exit__(None, None, None)
+        totals: dict[str, float] = {}
+        for event in self._profiler.key_averages():
+            # Kernels on a GPU; on a CPU the operators themselves.
+            spent_us = event.self_device_time_total if torch.cuda.is_available() else event.self_cpu_time_total
+            if spent_us <= 0:
+                continue
+            group = classify(event.key)
+            totals[group] = totals.get(group, 0.0) + spent_us / 1e6
+            if group == "elementwise and other":
+                self.top_other.append((event.key[:100], spent_us / 1e6))
+        totals["data wait (host)"] = self.data_wait_seconds
+        self.seconds_by_class = dict(sorted(totals.items(), key=lambda item: -item[1]))
+        self.top_other = sorted(self.top_other, key=lambda item: -item[1])[:8]
+        self._profiler = None
+
+
+def format_profile(seconds_by_class: dict[str, float]) -> str:
+    total = sum(seconds_by_class.values()) or 1.0
+    return "\n".join(
+        f"    {name:<24} {seconds * 1000:9.1f} ms  {100 * seconds / total:5.1f}%"
+        for name, seconds in seconds_by_class.items()
+    )
+
+
+__all__ = ["KERNEL_CLASSES", "StepProfiler", "classify", "format_profile"]

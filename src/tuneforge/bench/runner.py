@@ -1,0 +1,196 @@
+"""`tuneforge bench`: every case for every system in one invocation, a table printed last.
+
+    tuneforge bench --data ../shared/data --cases lora8b,full1b --systems tuneforge,hf,unsloth
+
+Each (case, system) runs in its own process (`tuneforge.bench.worker`) on shared assets
+(`cases.py`). Per case and system: tokens/s (median of the steps after warm-up; whole-run real
+tokens/s for variable-length data), the ratio to plain HF and to the best peer, peak memory,
+model FLOPs utilisation against the matmul peak measured at the start, and the loss of the
+first and last step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tuneforge.bench.cases import CASES, SHAPES, Case, build_assets, write_rows
+from tuneforge.bench.profile import format_profile
+from tuneforge.errors import ConfigError
+
+PEERS = ("hf", "trl", "unsloth")
+
+
+@dataclass
+class BenchOptions:
+    cases: list[str]
+    systems: list[str]
+    data_dir: Path
+    work: Path
+    output: Path | None = None
+    profile: bool = False
+    peers_path: str | None = None  # PYTHONPATH of an environment holding Unsloth
+    timeout_s: int = 900
+    results: list[dict[str, Any]] = field(default_factory=list)
+
+
+def runs_on(system: str, case: Case, peers_path: str | None) -> str | None:
+    """Why `system` does not run `case`, or None when it does."""
+    if system == "trl" and case.data != "varlen":
+        return "TRL's packing is for variable-length data"
+    if system == "unsloth" and peers_path is None:
+        return "no Unsloth environment (--peers-path)"
+    if system == "unsloth" and case.data == "varlen":
+        return "Unsloth's figure for this case comes from its SFTTrainer path (see docs/benchmarks.md)"
+    return None
+
+
+def matmul_peak_tflops() -> float | None:
+    """The achieved bf16 matrix-product rate on this GPU, the denominator of MFU."""
+    if not torch.cuda.is_available():
+        return None
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    started, repeats = time.perf_counter(), 20
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * repeats / (time.perf_counter() - started) / 1e12
+
+
+def flops_per_token(case: Case) -> float:
+    """Model FLOPs per trained token (no recomputation counted): 6N for full fine-tuning, 4N with
+    frozen base weights (no weight gradients), plus causal attention."""
+    shape = SHAPES[case.shape]
+    h, layers, ffn, vocab = shape["hidden_size"], shape["num_hidden_layers"], shape["intermediate_size"], shape["vocab_size"]
+    kv = shape["num_key_value_heads"] * h // shape["num_attention_heads"]
+    matmul_parameters = layers * (2 * h * h + 2 * h * kv + 3 * h * ffn) + vocab * h
+    attention = 6 * layers * h * case.seq  # QK^T and AV, causal (half), forward + backward (3x)
+    return (6 if case.method == "full" else 4) * matmul_parameters + attention
+
+
+def run_one(case: Case, system: str, options: BenchOptions) -> dict[str, Any]:
+    logs = options.work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    case_path = options.work / f"case-{case.name}.json"
+    case_path.write_text(json.dumps(case.to_json()), encoding="utf-8")
+    result_path = options.work / f"result-{system}-{case.name}.json"
+    result_path.unlink(missing_ok=True)
+    environment = dict(os.environ)
+    if system == "unsloth":
+        environment["PYTHONPATH"] = os.pathsep.join([options.peers_path or "", environment.get("PYTHONPATH", "")])
+    command = [sys.executable, "-m", "tuneforge.bench.worker", system, str(case_path), str(options.work), str(result_path)]
+    if options.profile and system.startswith("tuneforge"):
+        command.append("--profile")
+    log = logs / f"{system}-{case.name}.log"
+    print(f"[bench] {case.name} / {system} ...", flush=True)
+    started = time.perf_counter()
+    try:
+        with log.open("w", encoding="utf-8") as handle:
+            process = subprocess.run(command, env=environment, stdout=handle, stderr=subprocess.STDOUT, timeout=options.timeout_s)
+        status = "ok" if process.returncode == 0 and result_path.exists() else f"failed (exit {process.returncode})"
+    except subprocess.TimeoutExpired:
+        status = f"timed out after {options.timeout_s} s"
+    wall = time.perf_counter() - started
+    if status != "ok":
+        tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:] if log.exists() else []
+        print(f"[bench]   {status}: {tail[0] if tail else ''} (log: {log})", flush=True)
+        return {"case": case.name, "system": system, "status": status, "wall_s": wall}
+    result = json.loads(result_path.read_text(encoding="utf-8"))
+    return {**result, "status": "ok", "wall_s": wall}
+
+
+def _rate(result: dict[str, Any], case: Case) -> float | None:
+    key = "tokens_per_s_run" if case.data == "varlen" else "tokens_per_s_median"
+    return result.get(key)
+
+
+def add_ratios(results: list[dict[str, Any]], peak_tflops: float | None) -> None:
+    for name in {r["case"] for r in results}:
+        case = CASES[name]
+        rows = [r for r in results if r["case"] == name and r["status"] == "ok"]
+        rates = {r["system"]: _rate(r, case) for r in rows}  # tuneforge+... variants are rows too
+        best_peer = max((rate for system, rate in rates.items() if system in ("trl", "unsloth") and rate), default=None)
+        for row in rows:
+            rate = rates[row["system"]]
+            row["tokens_per_s"] = rate
+            row["x_hf"] = rate / rates["hf"] if rate and rates.get("hf") else None
+            row["x_best_peer"] = rate / best_peer if rate and best_peer else None
+            row["mfu"] = rate * flops_per_token(case) / (peak_tflops * 1e12) if rate and peak_tflops else None
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    def number(value: Any, pattern: str) -> str:
+        return pattern.format(value) if isinstance(value, (int, float)) else "—"
+
+    lines = [
+        "| case | system | tokens/s | x plain HF | x best peer | peak GiB | MFU | loss first → last | status |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in results:
+        loss = f"{number(row.get('loss_first'), '{:.3f}')} → {number(row.get('loss_last'), '{:.3f}')}"
+        lines.append(
+            f"| {row['case']} | {row['system']} | {number(row.get('tokens_per_s'), '{:,.0f}')} | "
+            f"{number(row.get('x_hf'), '{:.2f}x')} | {number(row.get('x_best_peer'), '{:.2f}x')} | "
+            f"{number(row.get('peak_gib'), '{:.1f}')} | {number(row.get('mfu'), '{:.1%}')} | {loss} | {row['status']} |"
+        )
+    return "\n".join(lines)
+
+
+def run_bench(options: BenchOptions) -> list[dict[str, Any]]:
+    unknown = [name for name in options.cases if name not in CASES]
+    if unknown:
+        raise ConfigError(f"unknown case {unknown[0]!r}", where="--cases", hint=f"known: {', '.join(CASES)}")
+    systems = [s for s in options.systems if s.split("+")[0] not in ("tuneforge", *PEERS) or ("+" in s and not s.startswith("tuneforge+"))]
+    if systems:
+        raise ConfigError(f"unknown system {systems[0]!r}", where="--systems", hint="tuneforge, hf, trl, unsloth")
+    options.work.mkdir(parents=True, exist_ok=True)
+    data_link = options.work / "data"
+    if not data_link.exists():
+        data_link.symlink_to(options.data_dir.resolve(), target_is_directory=True)
+    cases = [CASES[name] for name in options.cases]
+    assets = build_assets(options.work, data_link, {case.shape for case in cases})
+    for case in cases:
+        write_rows(case, options.work, data_link, assets["tokenizer"])
+    peak = matmul_peak_tflops()
+    if peak:
+        print(f"[bench] bf16 matmul peak on this GPU: {peak:.0f} TFLOP/s", flush=True)
+    results = []
+    for case in cases:
+        for system in options.systems:
+            reason = runs_on(system, case, options.peers_path)
+            if reason is None:
+                results.append(run_one(case, system, options))
+            else:
+                results.append({"case": case.name, "system": system, "status": f"skipped: {reason}"})
+    add_ratios(results, peak)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    import transformers
+
+    print(f"\ndevice: {device}; torch {torch.__version__}; transformers {transformers.__version__}")
+    for row in results:
+        if row.get("profile_seconds"):
+            print(f"  profile of one {row['case']} step ({row['system']}):\n{format_profile(row['profile_seconds'])}")
+            for name, seconds in row.get("profile_top_other", []):
+                print(f"      other: {seconds * 1000:8.1f} ms  {name}")
+    print(format_table(results), flush=True)
+    if options.output is not None:
+        options.output.write_text(
+            json.dumps({"device": device, "matmul_peak_tflops": peak, "results": results}, indent=1) + "\n",
+            encoding="utf-8",
+        )
+    return results
+
+
+__all__ = ["BenchOptions", "flops_per_token", "format_table", "run_bench", "runs_on"]

@@ -1,0 +1,84 @@
+"""One timer for every system in a benchmark: a `TrainerCallback`, so tuneforge, plain Hugging Face,
+TRL and Unsloth (all of which train through `transformers.Trainer`) are measured the same way.
+
+Each optimizer step is timed between CUDA synchronisations; its tokens are the change of
+`state.num_input_tokens_seen`, which the Trainer counts without padding
+(`include_num_input_tokens_seen="non_padding"`). This module imports only torch and transformers:
+it runs inside peer environments too.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+GIB = 2**30
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class StepTimer(TrainerCallback):
+    """Records (seconds, tokens, loss) per optimizer step and the run's peak GPU memory."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[float, int]] = []
+        self.losses: list[float] = []
+        self._started = 0.0
+        self._tokens_before = 0
+        self._train_started = 0.0
+        self.train_seconds = 0.0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        _sync()
+        self._train_started = time.perf_counter()
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        _sync()
+        self._started = time.perf_counter()
+        self._tokens_before = state.num_input_tokens_seen
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        _sync()
+        self.steps.append((time.perf_counter() - self._started, state.num_input_tokens_seen - self._tokens_before))
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if logs and "loss" in logs:
+            self.losses.append(float(logs["loss"]))
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        _sync()
+        self.train_seconds = time.perf_counter() - self._train_started
+
+    def result(self, warmup: int) -> dict[str, Any]:
+        """Median tokens/s of the steps after `warmup`, whole-run tokens/s, peak memory, losses."""
+        measured = self.steps[warmup:] or self.steps
+        rates = [tokens / seconds for seconds, tokens in measured if seconds > 0]
+        total_tokens = sum(tokens for _, tokens in self.steps)
+        return {
+            "steps": len(self.steps),
+            "tokens_per_s_median": statistics.median(rates) if rates else None,
+            "tokens_per_s_run": total_tokens / self.train_seconds if self.train_seconds else None,
+            "tokens": total_tokens,
+            "train_seconds": self.train_seconds,
+            "peak_gib": torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else None,
+            "loss_first": self.losses[0] if self.losses else None,
+            "loss_last": self.losses[-1] if self.losses else None,
+        }
+
+
+def write_result(path: str | Path, result: dict[str, Any]) -> None:
+    Path(path).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+
+
+__all__ = ["StepTimer", "write_result"]

@@ -1,0 +1,203 @@
+"""One system on one case, in its own process (Unsloth patches transformers on import):
+
+    python -m tuneforge.bench.worker SYSTEM CASE.json WORK RESULT.json
+
+Systems:
+- `tuneforge`: `tuneforge.train` with its defaults (speed.liger and speed.activations on auto,
+  padding-free packing for variable-length data).
+- `hf`: plain `transformers.Trainer` + PEFT, as the peer figures were measured: same rows,
+  padded to the longest in the batch, fused AdamW, gradient checkpointing where the case says.
+- `trl`: TRL's `SFTTrainer` with BFD packing and padding-free batches (variable-length case).
+- `unsloth`: Unsloth's `FastLanguageModel` with its own gradient checkpointing.
+All use the same learning rate, seed, rows and `StepTimer`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tuneforge.bench.cases import Case
+from tuneforge.bench.timing import StepTimer, write_result
+
+LEARNING_RATE = 2e-4
+SEED = 42
+WARMUP_STEPS = 3
+LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _schedule(case: Case) -> dict[str, Any]:
+    return {"max_steps": case.steps} if case.steps else {"num_train_epochs": case.epochs}
+
+
+def _common_arguments(case: Case, work: Path, micro_batch: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "output_dir": str(work / "scratch"),
+        "per_device_train_batch_size": micro_batch,
+        "learning_rate": LEARNING_RATE,
+        "seed": SEED,
+        "bf16": torch.cuda.is_available(),
+        "use_cpu": not torch.cuda.is_available(),
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "include_num_input_tokens_seen": "non_padding",
+        **_schedule(case),
+        **extra,
+    }
+
+
+def _rows(work: Path, case: Case) -> Any:
+    from datasets import Dataset
+
+    lines = (work / f"rows-{case.name}.jsonl").read_text(encoding="utf-8").splitlines()
+    return Dataset.from_list([json.loads(line) for line in lines])
+
+
+def run_tuneforge(case: Case, work: Path, callbacks: list[Any], overrides: list[str]) -> None:
+    from tuneforge.bench.cases import data_section
+    from tuneforge.train.recipe import train
+
+    varlen = case.data == "varlen"
+    method: dict[str, Any] = {"name": "full"} if case.method == "full" else {
+        "name": "lora", "r": LORA["r"], "lora_alpha": LORA["lora_alpha"], "target_modules": "all-linear",
+    }
+    arguments = _common_arguments(case, work, case.packed_micro_batch if varlen else case.micro_batch)
+    for key in ("output_dir", "include_num_input_tokens_seen"):
+        arguments.pop(key)  # tuneforge sets these itself
+    config = {
+        "model": {
+            "path": str(work / f"weights-{case.shape}"),
+            "quantization": "4bit" if case.method == "qlora" else "none",
+        },
+        "data": {**data_section(case, work, work / "data", packing=varlen)},
+        "method": method,
+        "train": arguments,
+        "output": {"dir": str(work / "runs" / f"tuneforge-{case.name}"), "overwrite": True},
+    }
+    train(config, overrides=overrides, callbacks=callbacks)
+
+
+def _peft_model(case: Case, work: Path, checkpointing: bool) -> Any:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = None
+    if case.method == "qlora":
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(
+        str(work / f"weights-{case.shape}"), dtype=torch.bfloat16 if device == "cuda" else torch.float32,
+        attn_implementation="sdpa", quantization_config=quantization, device_map={"": device},
+    )
+    if case.method == "full":
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantization is not None:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", target_modules=LORA_TARGETS, **LORA))
+
+
+def run_hf(case: Case, work: Path, callbacks: list[Any], overrides: list[str]) -> None:
+    from transformers import (
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainingArguments,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(str(work / "tokenizer"))
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    checkpointing = case.baseline_checkpointing
+    model = _peft_model(case, work, checkpointing)
+    arguments = TrainingArguments(**_common_arguments(case, work, case.micro_batch, gradient_checkpointing=checkpointing))
+    Trainer(
+        model=model, args=arguments, train_dataset=_rows(work, case),
+        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
+        callbacks=callbacks,
+    ).train()
+
+
+def run_trl(case: Case, work: Path, callbacks: list[Any], overrides: list[str]) -> None:
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(work / "tokenizer"))
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    rows = _rows(work, case).map(
+        lambda row: {"completion_mask": [int(label != -100) for label in row["labels"]]}, remove_columns=["labels"]
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        str(work / f"weights-{case.shape}"), dtype=torch.bfloat16, attn_implementation="sdpa",
+    )
+    arguments = _common_arguments(case, work, case.packed_micro_batch, gradient_checkpointing=True)
+    config = SFTConfig(
+        **arguments, packing=True, packing_strategy="bfd", padding_free=True, max_length=case.seq,
+        completion_only_loss=True, dataset_num_proc=1,
+    )
+    SFTTrainer(
+        model=model, args=config, train_dataset=rows, processing_class=tokenizer,
+        peft_config=LoraConfig(task_type="CAUSAL_LM", target_modules=LORA_TARGETS, **LORA), callbacks=callbacks,
+    ).train()
+
+
+def run_unsloth(case: Case, work: Path, callbacks: list[Any], overrides: list[str]) -> None:
+    from transformers import (
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainingArguments,
+    )
+    from unsloth import FastLanguageModel  # first: it patches transformers
+
+    model, _ = FastLanguageModel.from_pretrained(
+        str(work / f"weights-{case.shape}"), max_seq_length=case.seq, dtype=torch.bfloat16,
+        load_in_4bit=case.method == "qlora", full_finetuning=case.method == "full",
+    )
+    if case.method != "full":
+        model = FastLanguageModel.get_peft_model(
+            model, target_modules=LORA_TARGETS, use_gradient_checkpointing="unsloth", random_state=SEED, **LORA
+        )
+    tokenizer = AutoTokenizer.from_pretrained(str(work / "tokenizer"))
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    Trainer(
+        model=model, args=TrainingArguments(**_common_arguments(case, work, case.micro_batch)),
+        train_dataset=_rows(work, case),
+        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
+        callbacks=callbacks,
+    ).train()
+
+
+SYSTEMS = {"tuneforge": run_tuneforge, "hf": run_hf, "trl": run_trl, "unsloth": run_unsloth}
+
+
+def main(argv: list[str]) -> int:
+    label, case_path, work, result_path, *flags = argv
+    # `tuneforge+speed.activations=recompute`: a system with config overrides (tuneforge only).
+    system, *overrides = label.split("+")
+    case = Case(**json.loads(Path(case_path).read_text(encoding="utf-8")))
+    callbacks: list[Any] = [StepTimer()]
+    if "--profile" in flags:
+        from tuneforge.bench.profile import StepProfiler
+
+        callbacks.append(StepProfiler(step=WARMUP_STEPS + 1))
+    SYSTEMS[system](case, Path(work), callbacks, overrides)
+    result = {"system": label, "case": case.name, **callbacks[0].result(WARMUP_STEPS)}
+    if len(callbacks) > 1:
+        result["profile_seconds"] = callbacks[1].seconds_by_class
+        result["profile_top_other"] = callbacks[1].top_other
+    write_result(result_path, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,80 @@
+"""`tuneforge bench` on a tiny model: every system trains the same weights on the same rows, the
+table and JSON report what was measured, and the kernel classes of a profile are right."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tuneforge.bench.cases import CASES, SHAPES
+from tuneforge.bench.profile import classify
+from tuneforge.bench.runner import BenchOptions, flops_per_token, run_bench, runs_on
+from tuneforge.errors import ConfigError
+
+
+def test_tuneforge_and_plain_hf_train_the_same_model_on_the_same_rows(shared_dir, tmp_path, capsys):
+    output = tmp_path / "bench.json"
+    results = run_bench(BenchOptions(
+        cases=["tiny-lora"], systems=["tuneforge", "tuneforge+speed.activations=recompute", "hf", "trl"],
+        data_dir=shared_dir / "data", work=tmp_path / "work", output=output, profile=True, timeout_s=300,
+    ))
+    by_system = {row["system"]: row for row in results}
+    assert by_system["trl"]["status"].startswith("skipped: TRL's packing is for variable-length data")
+    ran = [by_system[name] for name in ("tuneforge", "tuneforge+speed.activations=recompute", "hf")]
+    assert all(row["status"] == "ok" for row in ran), [row["status"] for row in ran]
+    case = CASES["tiny-lora"]
+    for row in ran:
+        assert row["steps"] == case.steps and row["tokens"] == case.steps * case.micro_batch * case.seq
+        assert row["tokens_per_s"] > 0
+    # Same saved weights, rows and order: the first losses agree; recomputation changes nothing.
+    assert ran[0]["loss_first"] == pytest.approx(ran[2]["loss_first"], rel=1e-3)
+    assert ran[1]["loss_last"] == pytest.approx(ran[0]["loss_last"], rel=1e-4)
+    assert by_system["hf"]["x_hf"] == 1.0
+    assert by_system["tuneforge"]["x_hf"] == pytest.approx(ran[0]["tokens_per_s"] / ran[2]["tokens_per_s"])
+    assert set(by_system["tuneforge"]["profile_seconds"]) >= {"matmul", "data wait (host)"}
+    out = capsys.readouterr().out
+    assert "| tiny-lora | tuneforge+speed.activations=recompute |" in out and "profile of one tiny-lora step" in out
+    saved = json.loads(output.read_text())
+    assert [row["system"] for row in saved["results"]] == [row["system"] for row in results]
+
+
+def test_unknown_cases_and_systems_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown case 'lora70b'"):
+        run_bench(BenchOptions(cases=["lora70b"], systems=["hf"], data_dir=tmp_path, work=tmp_path))
+    with pytest.raises(ConfigError, match="unknown system 'hf\\+speed.liger=true'"):
+        run_bench(BenchOptions(cases=["tiny-lora"], systems=["hf+speed.liger=true"], data_dir=tmp_path, work=tmp_path))
+
+
+def test_which_system_runs_which_case():
+    assert runs_on("trl", CASES["lora8b"], None) is not None
+    assert runs_on("trl", CASES["varlen8b"], None) is None
+    assert "no Unsloth environment" in runs_on("unsloth", CASES["lora8b"], None)
+    assert runs_on("unsloth", CASES["lora8b"], "/peers") is None
+
+
+def test_model_flops_per_token():
+    # Llama-3.1-8B: ~7.5e9 matmul parameters (with the output head) -> 4N for LoRA, 6N for full.
+    shape = SHAPES["llama-8b"]
+    lora = flops_per_token(CASES["lora8b"])
+    attention = 6 * shape["num_hidden_layers"] * shape["hidden_size"] * 2048
+    assert (lora - attention) / 4 == pytest.approx(7.5e9, rel=0.01)
+    full = flops_per_token(CASES["full1b"])
+    assert full > 6 * 1.2e9
+
+
+@pytest.mark.parametrize(
+    ("kernel", "kind"),
+    [
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "matmul"),
+        ("nvjet_tst_192x192_64x3_1x2_h_bz_coopA_TNT", "matmul"),
+        ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128>", "attention"),
+        ("_rms_norm_forward_kernel", "norm"),
+        ("_cross_entropy_kernel", "loss"),
+        ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+        ("Memcpy DtoH (Device -> Pinned)", "host-device copies"),
+        ("void at::native::vectorized_elementwise_kernel<8, CUDAFunctor_add>", "elementwise and other"),
+    ],
+)
+def test_kernel_classes(kernel, kind):
+    assert classify(kernel) == kind

@@ -1,0 +1,151 @@
+"""Speed settings: Liger only where it can run, the activation plan picks the fastest setting that
+fits, and selective recomputation gives the same gradients as keeping every activation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from tests.train.test_recipe import config as recipe_config
+from tuneforge.config.schema import SpeedConfig
+from tuneforge.config.training_args import TrainSection
+from tuneforge.errors import ConfigError
+from tuneforge.train import speed, train
+from tuneforge.train.speed import (
+    GIB,
+    ActivationEstimate,
+    SpeedPlan,
+    plan_activations,
+    plan_speed,
+    resolve_liger,
+)
+
+
+def test_liger_auto_is_off_without_a_gpu_and_true_is_an_error_there():
+    on, reason = resolve_liger("auto", "llama", cuda=False)
+    assert not on and "no CUDA GPU" in reason
+    with pytest.raises(ConfigError, match="Liger kernels cannot run: no CUDA GPU") as error:
+        resolve_liger(True, "llama", cuda=False)
+    assert error.value.where == "speed.liger"
+    assert resolve_liger(False, "llama", cuda=True) == (False, "off (speed.liger: false)")
+
+
+def test_liger_auto_needs_a_model_type_liger_supports(monkeypatch):
+    monkeypatch.setattr(speed, "liger_model_types", lambda: {"llama", "qwen2"})
+    assert resolve_liger("auto", "llama", cuda=True) == (True, "on")
+    on, reason = resolve_liger("auto", "gpt_neox", cuda=True)
+    assert not on and "no kernels for model type 'gpt_neox'" in reason
+    monkeypatch.setattr(speed, "liger_model_types", set)
+    assert "not installed" in resolve_liger("auto", "llama", cuda=True)[1]
+
+
+def test_use_liger_kernel_under_train_points_to_speed_liger(tmp_path, tiny_model_dir):
+    from tuneforge.config.loading import load_config
+
+    with pytest.raises(ConfigError, match="use speed.liger instead"):
+        load_config(recipe_config(tmp_path, tiny_model_dir, use_liger_kernel=True))
+
+
+ESTIMATE = ActivationEstimate(
+    resident=10 * GIB, per_layer=GIB, per_layer_checkpointed=GIB // 8, output_layer=0, layers=8
+)
+
+
+@pytest.mark.parametrize(
+    ("budget_gib", "expected"),
+    [
+        (20.0, ("keep", 1)),  # 10 + 8 + 2 workspace
+        # 10 + 6 kept + 2 x 1/8 inputs + 1 transient + 2 = 19.25: two layers recomputed, and
+        # every 7th (layers 0 and 7) is the sparsest choice that recomputes two
+        (19.3, ("recompute", 7)),
+        (14.1, ("recompute", 1)),  # 10 + 8 x 1/8 + 1 + 2 = 14: only recomputing all fits
+        (13.5, ("offload", 1)),
+    ],
+)
+def test_activation_plan_is_the_fastest_setting_that_fits(budget_gib, expected):
+    activations, every, _, estimate_gib = plan_activations(ESTIMATE, int(budget_gib * GIB))
+    assert (activations, every) == expected
+    assert estimate_gib <= budget_gib or activations == "offload"
+
+
+def test_on_cpu_the_plan_follows_train_gradient_checkpointing(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    plan = plan_speed(SpeedConfig(), TrainSection(), model, tokens_per_micro_batch=64, device="cpu")
+    assert (plan.liger, plan.activations) == (False, "keep")
+    plan = plan_speed(
+        SpeedConfig(), TrainSection(gradient_checkpointing=True), model, tokens_per_micro_batch=64, device="cpu"
+    )
+    assert plan.activations == "recompute" and "train.gradient_checkpointing" in plan.describe()
+
+
+def test_estimate_counts_weights_trainable_state_and_layers(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    estimate = speed.estimate_activations(model, tokens=100, liger=False)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert estimate.resident == 3 * weights  # weights and two AdamW moments, all trainable
+    config = model.config
+    kv = config.num_key_value_heads * config.hidden_size // config.num_attention_heads
+    assert estimate.per_layer == 100 * 2 * (7 * config.hidden_size + 4 * kv + 4 * config.intermediate_size)
+    assert estimate.output_layer == 100 * config.vocab_size * 10
+    assert speed.estimate_activations(model, tokens=100, liger=True).output_layer == 0
+
+
+class LayerCalls(TrainerCallback):
+    """Counts each decoder layer's MLP calls in one training step (recomputation calls again; the
+    layer's own hooks stay outside the checkpoint, its submodules' run again)."""
+
+    def __init__(self, model):
+        self.calls = [0] * len(model.model.layers)
+        for index, layer in enumerate(model.model.layers):
+            layer.mlp.register_forward_pre_hook(lambda module, args, i=index: self.calls.__setitem__(i, self.calls[i] + 1))
+
+
+def one_step_gradients(tmp_path, model_dir, plan: SpeedPlan):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float64)
+    model.config.num_hidden_layers = len(model.model.layers)
+    calls = LayerCalls(model)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, max_steps=1, per_device_train_batch_size=2,
+        learning_rate=0.0, report_to="none", save_strategy="no",
+    )
+    plan.apply(args)
+    batch = {"input_ids": torch.arange(2, 34).view(2, 16), "labels": torch.arange(2, 34).view(2, 16)}
+    trainer = Trainer(model=model, args=args, train_dataset=[{k: v[i] for k, v in batch.items()} for i in range(2)])
+    grads = {}
+
+    class Grab(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    trainer.add_callback(Grab())
+    trainer.train()
+    return grads, calls.calls
+
+
+def test_selective_recomputation_recomputes_only_every_nth_layer_with_equal_gradients(tmp_path, tiny_model_dir):
+    kept, kept_calls = one_step_gradients(tmp_path / "keep", tiny_model_dir, SpeedPlan(False, "off", "keep"))
+    every2, every2_calls = one_step_gradients(
+        tmp_path / "every2", tiny_model_dir, SpeedPlan(False, "off", "recompute", recompute_every=2)
+    )
+    full, full_calls = one_step_gradients(tmp_path / "all", tiny_model_dir, SpeedPlan(False, "off", "recompute"))
+    assert kept_calls == [1, 1]
+    assert every2_calls == [2, 1]  # layer 0 recomputed in the backward, layer 1 kept its activations
+    assert full_calls == [2, 2]
+    assert kept.keys() == every2.keys() == full.keys() and kept
+    for name in kept:
+        torch.testing.assert_close(every2[name], kept[name], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(full[name], kept[name], rtol=1e-10, atol=1e-12)
+
+
+def test_training_reports_the_speed_plan(tmp_path, tiny_model_dir, capsys):
+    train(recipe_config(tmp_path, tiny_model_dir, max_steps=1), overrides=["speed.activations=recompute", "speed.recompute_every=2"])
+    out = capsys.readouterr().out
+    assert "Liger kernels off (no CUDA GPU" in out
+    assert "activations recomputed in 1 of every 2 decoder layers (speed.activations)" in out
