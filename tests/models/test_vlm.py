@@ -7,7 +7,9 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
 from tests.vision_assets import COLOURS, blank_image, build_tiny_clip, shape_rows, write_caption_data, write_llava_data
+from tuneforge.errors import ModelError
 from tuneforge.infer import generate, load_for_inference
+from tuneforge.infer.chat import ChatSession
 from tuneforge.train import train
 
 TRAIN = {"per_device_train_batch_size": 8, "save_strategy": "no", "use_cpu": True, "logging_steps": 20}
@@ -62,6 +64,16 @@ def test_two_stages_learn_from_the_image_and_reload_identically(tmp_path, clip_d
     print(f"held-out colour accuracy: {with_image:.2f} with the image, {blank:.2f} with a blank image, chance {chance:.2f}")
     assert with_image >= 0.9
     assert blank <= chance + 0.01  # one answer for every blank image: a third of a balanced set
+
+    # Chat shows the image with the first turn and keeps it in view: same answer as generate.
+    first = held_out[0]
+    session = ChatSession(loaded, images=[str(images / first["image"])], max_new_tokens=8)
+    assert session.send(question) == first["colour"]
+    assert session.prompt_text().count(loaded.images.image_token) == 1
+    session.send("And the shape?")
+    assert session.messages[0]["content"].startswith(loaded.images.image_token)
+    with pytest.raises(ModelError, match="text-only model"):
+        ChatSession(load_for_inference(str(tiny_model_dir)), images=[str(blank_image(tmp_path))])
 
     # The saved model is a standard LLaVA checkpoint: Auto classes, identical logits.
     processor = AutoProcessor.from_pretrained(str(stage2.model_dir))

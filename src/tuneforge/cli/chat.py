@@ -20,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL_OR_RUN", help="run directory, model directory or hub id")
     parser.add_argument("--system", help="system prompt (default: the one the run was trained with)")
     parser.add_argument("--no-stream", action="store_true", help="print each reply when it is complete")
+    parser.add_argument("--image", action="append", metavar="PATH",
+                        help="an image shown with the first turn (vision-language runs; repeatable)")
     parser.add_argument("--show-prompt", action="store_true",
                         help="print the exact text each reply is generated from (history rendered with the template)")
     add_generation_arguments(parser)
@@ -31,6 +33,6 @@ def run(args: argparse.Namespace) -> int:
 
     options = generation_options(args)
     loaded = load_for_inference(args.model, trust_remote_code=args.trust_remote_code)
-    session = ChatSession(loaded, system_prompt=args.system, **options)
+    session = ChatSession(loaded, system_prompt=args.system, images=args.image, **options)
     run_chat(session, interactive=sys.stdin.isatty(), stream=not args.no_stream, show_prompt=args.show_prompt)
     return 0

@@ -15,12 +15,14 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from tuneforge.data.images import expand_prompt, pixel_values, prompt_with_images
 from tuneforge.data.templates import (
     Message,
     encode_generation_prompt,
     render,
     resolve_template,
 )
+from tuneforge.errors import ModelError
 from tuneforge.infer.generate import LoadedModel
 from tuneforge.models.generation import generate_texts
 
@@ -33,11 +35,18 @@ class ChatSession:
     Args:
         loaded: From `load_for_inference`.
         system_prompt: System message first in the history; default: the run's own.
+        images: Image files shown with the first user turn (vision-language models).
         options: Generation options for `generate_texts` (`max_new_tokens`, `temperature`, ...).
     """
 
-    def __init__(self, loaded: LoadedModel, *, system_prompt: str | None = None, **options: Any) -> None:
+    def __init__(
+        self, loaded: LoadedModel, *, system_prompt: str | None = None, images: list[str] | None = None,
+        **options: Any,
+    ) -> None:
+        if images and loaded.images is None:
+            raise ModelError("images were given but this is a text-only model", where=loaded.source)
         self.loaded = loaded
+        self.images = list(images or [])
         # A model saved without any template gets what training would have given it: `auto`.
         self.template = loaded.template or resolve_template("auto", loaded.tokenizer)
         self.system_prompt = system_prompt if system_prompt is not None else loaded.system_prompt
@@ -50,7 +59,10 @@ class ChatSession:
         self.messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
 
     def ask(self, text: str) -> None:
-        """Add a user turn (the next `respond` answers it)."""
+        """Add a user turn (the next `respond` answers it); the first one carries the images."""
+        if self.images and not any(message["role"] == "user" for message in self.messages):
+            assert self.loaded.images is not None  # checked in __init__
+            text = prompt_with_images(text, len(self.images), self.loaded.images.image_token)
         self.messages.append({"role": "user", "content": text})
 
     def prompt_text(self) -> str:
@@ -61,9 +73,14 @@ class ChatSession:
         """Generate the assistant's reply to the history and add it to the history."""
         tokenizer = self.loaded.tokenizer
         prompt_ids = encode_generation_prompt(tokenizer, self.template, self.messages)
+        options = dict(self.options)
+        if self.images:
+            assert self.loaded.images is not None  # checked in __init__
+            prompt_ids = expand_prompt(prompt_ids, self.loaded.images)  # as in training and `generate`
+            options["pixel_values"] = [pixel_values(self.loaded.images.processor, self.images)]
         (reply,) = generate_texts(
             self.loaded.model, tokenizer, [prompt_ids],
-            stop_token_ids=self.template.stop_token_ids(tokenizer), streamer=streamer, **self.options,
+            stop_token_ids=self.template.stop_token_ids(tokenizer), streamer=streamer, **options,
         )
         reply = reply.strip()
         self.messages.append({"role": "assistant", "content": reply})
