@@ -126,11 +126,14 @@ class ModelConfig(Section):
     )
 
 
+PREFERENCE_FORMATS = ("preference", "unpaired")
+
 BUILTIN_TEMPLATES = ("auto", "tokenizer", "qa", "alpaca", "chatml", "llama-3", "plain")
 
 DEFAULT_PROMPT_FIELDS = {
     "instruction": ["instruction", "input"],
     "preference": ["prompt"],
+    "unpaired": ["prompt"],
     "multiple_choice": ["question"],
 }
 
@@ -147,11 +150,12 @@ class DatasetSpec(Section):
         "`datasets.Dataset`), instead of `path`.",
     )
     split: str = Field("train", description="Split to read for `hf:` datasets.")
-    format: Literal["instruction", "chat", "text", "preference", "multiple_choice", "llava", "caption"] = Field(
+    format: Literal["instruction", "chat", "text", "preference", "unpaired", "multiple_choice", "llava", "caption"] = Field(
         "instruction",
         description="`instruction`: prompt and response, loss on the response; `chat`: "
         "multi-turn conversations, loss on assistant turns; `text`: continued pretraining on "
         "whole documents; `preference`: prompt/chosen/rejected pairs (preference methods); "
+        "`unpaired`: a prompt, one reply and a desirable/undesirable label (method kto); "
         "`multiple_choice`: question, choices and label (trained as instruction data, or for "
         "evaluation); `llava`: images and conversations with `<image>` placeholders (LLaVA JSON), "
         "loss on assistant turns; `caption`: an image and its caption, loss on the caption.",
@@ -193,7 +197,11 @@ class DatasetSpec(Section):
         description="Multiple choice: a list field of choices; rows with `choice0`, `choice1`, "
         "... fields (JGLUE) are read without it.",
     )
-    label_field: str = Field("label", description="Multiple choice: index of the right choice.")
+    label_field: str = Field(
+        "label",
+        description="Multiple choice: index of the right choice. Unpaired: true (desirable) or false "
+        "(undesirable); the reply is read from `response_field`.",
+    )
     image_field: str = Field(
         "image",
         description="llava and caption formats: the row field with an image path, or a list of "
@@ -409,7 +417,82 @@ class LoraMethod(Section):
     )
 
 
-MethodConfig = Annotated[FullMethod | FreezeMethod | LoraMethod, Field(discriminator="name")]
+WeightsMethod = Annotated[FullMethod | FreezeMethod | LoraMethod, Field(discriminator="name")]
+
+
+class PreferenceMethod(Section):
+    """What every preference method shares: which weights train, and how hard the preference pulls."""
+
+    adapter: WeightsMethod = Field(
+        default_factory=FullMethod,
+        description="Which weights train, as a supervised `method` section: `{name: full}`, "
+        "`{name: freeze, ...}` or `{name: lora, r: 16, ...}` (QLoRA: `lora` with `model.quantization`).",
+    )
+    beta: float = Field(0.1, gt=0, description="Strength of the preference term (TRL's `beta`).")
+
+
+class ReferenceOption(Section):
+    reference: Literal["auto", "precompute"] = Field(
+        "auto",
+        description="The reference model the rewards are measured against. `auto`: with a LoRA "
+        "adapter, the base model itself (adapters switched off, no copy); otherwise a frozen copy "
+        "of the starting weights. `precompute`: its log-probabilities of every pair are computed "
+        "once before training, so no reference stays in memory.",
+    )
+
+
+class DpoMethod(PreferenceMethod, ReferenceOption):
+    name: Literal["dpo"] = Field("dpo", description="Direct preference optimisation (TRL `DPOTrainer`).")
+    loss_type: list[str] = Field(
+        default_factory=lambda: ["sigmoid"],
+        description="TRL DPO loss types (`sigmoid`, `hinge`, `ipo`, `robust`, `apo_zero`, `sft`, ...); "
+        "several are summed with `loss_weights`.",
+    )
+    loss_weights: list[float] | None = Field(None, description="Weight of each `loss_type`; default 1 each.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed share of flipped labels (robust DPO, EXO).")
+
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _one_loss_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class OrpoMethod(PreferenceMethod):
+    name: Literal["orpo"] = Field(
+        "orpo", description="Odds-ratio preference optimisation: SFT on `chosen` plus an odds-ratio "
+        "term, no reference model (TRL `ORPOTrainer`)."
+    )
+
+
+class KtoMethod(PreferenceMethod, ReferenceOption):
+    name: Literal["kto"] = Field(
+        "kto", description="Kahneman-Tversky optimisation from desirable/undesirable replies; "
+        "pairs are split into one of each (TRL `KTOTrainer`)."
+    )
+    desirable_weight: float = Field(1.0, gt=0, description="Loss weight of desirable replies.")
+    undesirable_weight: float = Field(1.0, gt=0, description="Loss weight of undesirable replies.")
+
+
+class SimpoMethod(PreferenceMethod):
+    name: Literal["simpo"] = Field(
+        "simpo", description="SimPO: length-normalised rewards with a target margin, no reference "
+        "model (TRL `CPOTrainer` with `loss_type: simpo`)."
+    )
+    beta: float = Field(2.0, gt=0, description="Reward scale (the SimPO paper uses 2.0-2.5).")
+    gamma: float = Field(0.5, ge=0, description="Target reward margin, divided by `beta` (TRL's `simpo_gamma`).")
+
+
+PREFERENCE_METHODS = (DpoMethod, OrpoMethod, KtoMethod, SimpoMethod)
+
+MethodConfig = Annotated[
+    FullMethod | FreezeMethod | LoraMethod | DpoMethod | OrpoMethod | KtoMethod | SimpoMethod,
+    Field(discriminator="name"),
+]
+
+
+def weights_method(method: Any) -> FullMethod | FreezeMethod | LoraMethod:
+    """Which weights train: the method itself, or a preference method's `adapter`."""
+    return method.adapter if isinstance(method, PreferenceMethod) else method
 
 
 class SamplesConfig(Section):
@@ -555,11 +638,21 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _supported_combination(self) -> Config:
-        if self.model.quantization != "none" and not isinstance(self.method, LoraMethod):
+        if self.model.quantization != "none" and not isinstance(weights_method(self.method), LoraMethod):
             raise ValueError(
                 f"a {self.model.quantization} quantized base cannot be trained with method "
                 f"'{self.method.name}': only adapters train on quantized weights; use method.name: lora"
             )
+        preference = isinstance(self.method, PreferenceMethod)
+        for spec in [*self.data.datasets, *self.data.eval_datasets]:
+            if preference != (spec.format in PREFERENCE_FORMATS):
+                raise ValueError(
+                    f"method '{self.method.name}' cannot train on format '{spec.format}' ({spec.name}): "
+                    + ("preference methods read format preference (pairs) or unpaired (KTO)" if preference
+                       else "preference data trains with method dpo, orpo, kto or simpo")
+                )
+            if preference and spec.format == "unpaired" and not isinstance(self.method, KtoMethod):
+                raise ValueError(f"format unpaired ({spec.name}) has no pairs: only method kto reads it")
         if self.eval.tasks and not (self.data.eval_datasets or self.data.eval_split > 0):
             raise ValueError(
                 "eval.tasks run when the Trainer evaluates, which needs evaluation data: set "

@@ -356,6 +356,43 @@ def parse_preference(row: Row, spec: DatasetSpec) -> PreferencePair:
     return PreferencePair(_with_system(prompt, spec), chosen, rejected)
 
 
+@dataclass(frozen=True)
+class UnpairedReply:
+    """A prompt conversation, one reply, and whether the reply is desirable (KTO data)."""
+
+    prompt: list[Message]
+    reply: list[Message]
+    desirable: bool
+
+
+# JSON holds labels as booleans, CSV and Parquet as text or numbers; anything else is a mistake, not a guess.
+LABEL_VALUES = {"true": True, "false": False, "1": True, "0": False}
+
+
+def parse_unpaired(row: Row, spec: DatasetSpec) -> UnpairedReply:
+    """An unpaired row: the prompt (`prompt_fields`, text or turns), the reply (`response_field`)
+    and its label (`label_field`: true for desirable, false for undesirable).
+
+    Raises:
+        DataError: Missing or mistyped fields, an empty prompt or reply, a label that is not a boolean.
+    """
+    names = spec.prompt_field_names
+    first = row.fields.get(names[0])
+    prompt = _messages(first, names[0], row) if isinstance(first, list) else [{"role": "user", "content": _prompt_text(row, spec)}]
+    reply = _reply(row, spec.response_field, "response", spec)
+    _check_reply(reply, spec.response_field, row)
+    if spec.label_field not in row.fields:
+        raise _missing(row, spec.label_field, "label", "label_field", spec)
+    value = row.fields[spec.label_field]
+    key = str(value).strip().lower() if isinstance(value, (bool, int, str)) else None
+    if key not in LABEL_VALUES:
+        raise DataError(
+            f"field '{spec.label_field}' (label) is {_found(value)}, expected true (desirable) or false (undesirable)",
+            where=row.origin,
+        )
+    return UnpairedReply(_with_system(prompt, spec), reply, LABEL_VALUES[key])
+
+
 def document_text(row: Row, spec: DatasetSpec) -> str:
     """A text row's fields joined by newlines (`title` + `content` for news corpora)."""
     parts = [_field_text(row, field, "text", "text_fields", spec) for field in spec.text_fields]
@@ -366,9 +403,11 @@ __all__ = [
     "ROLE_NAMES",
     "MultipleChoiceItem",
     "PreferencePair",
+    "UnpairedReply",
     "document_text",
     "format_choices",
     "parse_multiple_choice",
     "parse_preference",
+    "parse_unpaired",
     "row_to_messages",
 ]

@@ -18,12 +18,20 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from tuneforge.config.loading import dump_config, load_config
-from tuneforge.config.schema import Config, DatasetSpec, LoraMethod
+from tuneforge.config.schema import (
+    PREFERENCE_FORMATS,
+    Config,
+    DatasetSpec,
+    LoraMethod,
+    PreferenceMethod,
+    weights_method,
+)
 from tuneforge.config.training_args import to_training_arguments
 from tuneforge.data.build import SUPERVISED_FORMATS, Datasets, build_datasets
 from tuneforge.data.formats import row_to_messages
 from tuneforge.data.images import VISION_FORMATS, ImageCollator, ImageInputs
 from tuneforge.data.packing import PackedCollator
+from tuneforge.data.preference import build_preference_datasets
 from tuneforge.data.sources import read_rows
 from tuneforge.data.templates import (
     Template,
@@ -52,6 +60,11 @@ from tuneforge.models.vlm import (
 from tuneforge.train.callbacks import MetricsLogger, TrainingProgress
 from tuneforge.train.checkpoints import estimate_save_bytes
 from tuneforge.train.eval_callback import EvalTasksCallback
+from tuneforge.train.preference import (
+    build_preference_trainer,
+    preference_arguments,
+    preference_report,
+)
 from tuneforge.train.preemption import install_preemption_handlers, raise_if_preempted
 from tuneforge.train.speed import plan_speed
 from tuneforge.train.run_dir import (
@@ -79,7 +92,8 @@ def _build_training_arguments(config: Config, run_dir: Path) -> transformers.Tra
         # Count real (non-padding) tokens so throughput is honest.
         runtime = {"include_num_input_tokens_seen": "non_padding"}
     try:
-        return to_training_arguments(config.train, str(run_dir), disable_tqdm=True, **runtime)
+        args = to_training_arguments(config.train, str(run_dir), disable_tqdm=True, **runtime)
+        return preference_arguments(config, args) if isinstance(config.method, PreferenceMethod) else args
     except (ValueError, ImportError) as exc:
         raise ConfigError(
             str(exc).strip().splitlines()[0],
@@ -100,7 +114,8 @@ def _save_final(
     model_class: str | None = None,
 ) -> Path:
     model_dir = run_dir / "model"
-    supervised = config.data.datasets[0].format in SUPERVISED_FORMATS
+    # Preference replies are encoded like supervised ones: generation needs the same template.
+    supervised = config.data.datasets[0].format in (*SUPERVISED_FORMATS, *PREFERENCE_FORMATS)
     template = template_to_metadata(datasets.template) if supervised and datasets.template else None
     if supervised and datasets.template is not None:
         # Exports are self-contained (PITFALLS 18): plain `apply_chat_template` formats prompts
@@ -113,7 +128,7 @@ def _save_final(
     tokenizer.save_pretrained(str(model_dir))
     if datasets.images is not None:
         save_processor(model_dir, tokenizer, datasets.images, trainer.model)
-    is_adapter = isinstance(config.method, LoraMethod)
+    is_adapter = isinstance(weights_method(config.method), LoraMethod)
     base = str(base_dir.resolve()) if base_dir is not None else config.model.path
     write_run_metadata(
         model_dir,
@@ -191,7 +206,7 @@ def _setup_model(
 ) -> tuple[Any, ParameterCounts, Path | None, str | None]:
     """Load the model, pick packed attention, keep random base weights, apply the method."""
     model = load_model(config.model)
-    method = config.method
+    method = weights_method(config.method)
     if images is not None:
         fit_to_tokenizer(model, tokenizer, images)
         method = vlm_method(method, model)
@@ -200,7 +215,7 @@ def _setup_model(
     if config.data.packing:
         _say(f"packed batches use attention implementation '{enable_packed_attention(model, device=args.device)}'")
     base_dir = None
-    if (config.model.init == "random" or config.model.vision is not None) and isinstance(config.method, LoraMethod):
+    if (config.model.init == "random" or config.model.vision is not None) and isinstance(method, LoraMethod):
         # Random or just-assembled base weights exist nowhere else: keep them so the adapter stays usable.
         base_dir = run_dir / "base"
         if not base_dir.exists():
@@ -223,28 +238,32 @@ def _setup_model(
     return model, counts, base_dir, model_class
 
 
+def _collator(config: Config, args: transformers.TrainingArguments, tokenizer: Any, datasets: Datasets) -> Any:
+    if datasets.images is not None:
+        args.remove_unused_columns = False  # the image paths must reach the collator
+        return ImageCollator(tokenizer, datasets.images.processor)
+    if config.data.packing:
+        return PackedCollator()
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
+
+
 def _build_trainer(
     config: Config, args: transformers.TrainingArguments, model: Any, tokenizer: Any,
     datasets: Datasets, callbacks: list[TrainerCallback],
 ) -> Trainer:
-    collator = (
-        PackedCollator()
-        if config.data.packing
-        else DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
-    )
-    if datasets.images is not None:
-        collator = ImageCollator(tokenizer, datasets.images.processor)
-        args.remove_unused_columns = False  # the image paths must reach the collator
-    trainer = TuneforgeTrainer(
-        max_nonfinite_steps=config.guards.max_nonfinite_steps,
-        model=model,
-        args=args,
-        train_dataset=datasets.train,
-        eval_dataset=datasets.eval,
-        data_collator=collator,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-    )
+    if isinstance(config.method, PreferenceMethod):
+        trainer = build_preference_trainer(config, args, model, tokenizer, datasets, callbacks)
+    else:
+        trainer = TuneforgeTrainer(
+            max_nonfinite_steps=config.guards.max_nonfinite_steps,
+            model=model,
+            args=args,
+            train_dataset=datasets.train,
+            eval_dataset=datasets.eval,
+            data_collator=_collator(config, args, tokenizer, datasets),
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
     # TrainingProgress replaces transformers' bar and its printed log dicts.
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
@@ -293,10 +312,15 @@ def train(
 
     transformers.set_seed(config.train.seed)
     tokenizer = load_tokenizer(config.model)
-    datasets = build_datasets(
-        config.data, tokenizer, seed=config.train.seed, batch_size=config.train.per_device_train_batch_size,
-        images=prepare_image_inputs(config.model, tokenizer),
-    )
+    if isinstance(config.method, PreferenceMethod):
+        datasets = build_preference_datasets(
+            config.data, tokenizer, seed=config.train.seed, unpaired=config.method.name == "kto"
+        )
+    else:
+        datasets = build_datasets(
+            config.data, tokenizer, seed=config.train.seed, batch_size=config.train.per_device_train_batch_size,
+            images=prepare_image_inputs(config.model, tokenizer),
+        )
     _log_data(datasets)
     _check_data(config, datasets)
 
@@ -326,6 +350,7 @@ def train(
         parameters=counts,
         resumed_from=resume,
         samples=_show_samples(config, trainer.model, tokenizer, datasets.template),
+        preference=preference_report(trainer.state.log_history),
         **measured,
     )
     write_summary(result)

@@ -25,6 +25,8 @@ class RunResult:
     resumed_from: str | None = None
     peak_gpu_memory_gib: float | None = None
     samples: list[dict[str, str]] = field(default_factory=list)
+    # Preference methods: first and last logged `rewards/*` values (train/preference.py).
+    preference: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def tokens_per_second(self) -> float:
@@ -46,6 +48,8 @@ def write_summary(result: RunResult) -> None:
         "total_parameters": result.parameters.total,
         "resumed_from": result.resumed_from,
     }
+    if result.preference:
+        summary["preference"] = result.preference
     (result.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
 
@@ -63,6 +67,8 @@ def print_summary(result: RunResult) -> None:
     if result.eval_loss_after is not None:
         before = f"{result.eval_loss_before:.4f} -> " if result.eval_loss_before is not None else ""
         lines.append(f"eval loss: {before}{result.eval_loss_after:.4f}")
+    for key, values in result.preference.items():
+        lines.append(f"{key}: {values['first']:.4f} -> {values['last']:.4f}")
     lines.append(f"model: {result.model_dir}")
     lines.append(f"metrics: {result.run_dir / 'metrics.jsonl'}, {result.run_dir / 'summary.json'}")
     print("[tuneforge] run summary\n  " + "\n  ".join(lines), flush=True)
