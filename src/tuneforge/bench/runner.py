@@ -25,6 +25,8 @@ import torch
 from tuneforge.bench.cases import CASES, SHAPES, Case, build_assets, write_rows
 from tuneforge.bench.profile import format_profile
 from tuneforge.errors import ConfigError
+from tuneforge.plan.estimate import ModelShape, matmul_peak_tflops
+from tuneforge.plan.estimate import flops_per_token as model_flops_per_token
 
 PEERS = ("hf", "trl", "unsloth")
 
@@ -53,31 +55,9 @@ def runs_on(system: str, case: Case, peers_path: str | None) -> str | None:
     return None
 
 
-def matmul_peak_tflops() -> float | None:
-    """The achieved bf16 matrix-product rate on this GPU, the denominator of MFU."""
-    if not torch.cuda.is_available():
-        return None
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    started, repeats = time.perf_counter(), 20
-    for _ in range(repeats):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * 8192**3 * repeats / (time.perf_counter() - started) / 1e12
-
-
 def flops_per_token(case: Case) -> float:
-    """Model FLOPs per trained token (no recomputation counted): 6N for full fine-tuning, 4N with
-    frozen base weights (no weight gradients), plus causal attention."""
-    shape = SHAPES[case.shape]
-    h, layers, ffn, vocab = shape["hidden_size"], shape["num_hidden_layers"], shape["intermediate_size"], shape["vocab_size"]
-    kv = shape["num_key_value_heads"] * h // shape["num_attention_heads"]
-    matmul_parameters = layers * (2 * h * h + 2 * h * kv + 3 * h * ffn) + vocab * h
-    attention = 6 * layers * h * case.seq  # QK^T and AV, causal (half), forward + backward (3x)
-    return (6 if case.method == "full" else 4) * matmul_parameters + attention
+    """Model FLOPs per trained token of a case (see `tuneforge.plan.estimate.flops_per_token`)."""
+    return model_flops_per_token(ModelShape.from_config(SHAPES[case.shape]), case.seq, weight_gradients=case.method == "full")
 
 
 def run_one(case: Case, system: str, options: BenchOptions) -> dict[str, Any]:

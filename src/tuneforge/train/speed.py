@@ -14,7 +14,6 @@ What tuneforge adds is the choice: `auto` picks the fastest setting the GPU's me
 from __future__ import annotations
 
 import importlib.util
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,10 +21,13 @@ import torch
 
 from tuneforge.config.schema import SpeedConfig
 from tuneforge.errors import ConfigError
-
-GIB = 2**30
-# cuBLAS/attention workspaces, the allocator's fragmentation, the CUDA context.
-_WORKSPACE_BYTES = 2 * GIB
+from tuneforge.plan.estimate import (
+    CONTEXT_BYTES,
+    GIB,
+    MemoryEstimate,
+    computes_in_16bit,
+    estimate_memory,
+)
 
 
 def liger_model_types() -> set[str]:
@@ -57,66 +59,6 @@ def resolve_liger(setting: bool | str, model_type: str, cuda: bool) -> tuple[boo
     if setting is True:
         raise ConfigError(f"Liger kernels cannot run: {missing}", where="speed.liger", hint="use auto or false")
     return False, f"off ({missing})"
-
-
-@dataclass(frozen=True)
-class ActivationEstimate:
-    """Bytes a training step holds on the GPU, from the model's shape (a planning estimate)."""
-
-    resident: int  # weights and the optimizer state of what trains
-    per_layer: int  # activations one decoder layer keeps for the backward pass
-    per_layer_checkpointed: int  # what a recomputed layer keeps instead: its input
-    output_layer: int  # logits and their gradient (none with Liger's fused loss)
-    layers: int
-
-    def total(self, recomputed: int, offloaded: bool = False) -> int:
-        kept = (self.layers - recomputed) * self.per_layer
-        inputs = 0 if offloaded else recomputed * self.per_layer_checkpointed
-        # A recomputed layer's activations exist again, one layer at a time, during its backward.
-        transient = self.per_layer if recomputed else 0
-        return self.resident + kept + inputs + transient + self.output_layer + _WORKSPACE_BYTES
-
-
-def estimate_activations(model: torch.nn.Module, tokens: int, liger: bool) -> ActivationEstimate:
-    """Estimate a decoder-only transformer's training memory for `tokens` per micro-batch.
-
-    Per layer and token a decoder keeps about 7 hidden-size vectors (the two norm inputs and
-    outputs, queries after RoPE and the contiguous copy attention makes of them, attention
-    output), 4 key/value-size ones (keys and values, and their copies), and 3 (Liger's SwiGLU)
-    or 4 MLP-width vectors (gate, up, activation, down input), in the compute precision.
-    Gradients are left out: they are allocated while the backward pass frees activations.
-    Checked against measured peaks on an H200 (Llama 8B LoRA, 1B full): see docs/benchmarks.md.
-    """
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
-    hidden = getattr(text, "hidden_size", None)
-    layers = getattr(text, "num_hidden_layers", None)
-    if hidden is None or layers is None:
-        raise ConfigError(
-            "cannot estimate activation memory for this model (no hidden_size / num_hidden_layers)",
-            where="speed.activations",
-            hint="choose keep, recompute or offload",
-        )
-    heads = getattr(text, "num_attention_heads", None) or 1
-    head_dim = getattr(text, "head_dim", None) or hidden // heads
-    kv_width = (getattr(text, "num_key_value_heads", None) or heads) * head_dim
-    ffn = getattr(text, "intermediate_size", 4 * hidden) or 4 * hidden
-    vocab = getattr(text, "vocab_size", 0) or 0
-    element = 2  # bf16/fp16 compute
-    per_token = 7 * hidden + 4 * kv_width + (3 if liger else 4) * ffn
-    resident = 0
-    for parameter in model.parameters():
-        resident += parameter.numel() * parameter.element_size()
-        if parameter.requires_grad:
-            resident += 2 * parameter.numel() * parameter.element_size()  # AdamW's moments, in its dtype
-    output_layer = 0 if liger else tokens * vocab * (element + 4 + 4)  # logits, fp32 copy, gradient
-    return ActivationEstimate(
-        resident=resident,
-        per_layer=per_token * tokens * element,
-        per_layer_checkpointed=hidden * tokens * element,
-        output_layer=output_layer,
-        layers=layers,
-    )
 
 
 @dataclass
@@ -157,21 +99,18 @@ class SpeedPlan:
         return f"Liger kernels {self.liger_reason}; activations {where} ({self.reason}{estimate})"
 
 
-def _recomputed_layers(layers: int, every: int) -> int:
-    return math.ceil(layers / every)  # transformers checkpoints layers whose index % every == 0
-
-
-def plan_activations(estimate: ActivationEstimate, budget: int) -> tuple[str, int, str, float]:
-    """The fastest activation placement whose estimate fits `budget` bytes: keep everything,
-    else recompute as few layers as fit (every N-th), else recompute all, else offload."""
+def plan_activations(estimate: MemoryEstimate, budget: int) -> tuple[str, int, str, float]:
+    """The fastest activation placement whose estimate (plus the CUDA context) fits `budget`
+    bytes: keep everything, else recompute as few layers as fit (every N-th), else recompute
+    all, else offload. Returns the placement, N, why, and the estimated peak in GiB."""
     layers = estimate.layers
-    if estimate.total(0) <= budget:
-        return "keep", 1, "fits without recomputation", estimate.total(0) / GIB
+    if estimate.total() + CONTEXT_BYTES <= budget:
+        return "keep", 1, "fits without recomputation", estimate.total() / GIB
     for every in range(layers, 0, -1):
-        recomputed = _recomputed_layers(layers, every)
-        if estimate.total(recomputed) <= budget:
-            return "recompute", every, f"recomputing {recomputed} of {layers} layers fits", estimate.total(recomputed) / GIB
-    return "offload", 1, "only offloading fits", estimate.total(layers, offloaded=True) / GIB
+        if estimate.total(every) + CONTEXT_BYTES <= budget:
+            recomputed = estimate.recomputed_layers(every)
+            return "recompute", every, f"recomputing {recomputed} of {layers} layers fits", estimate.total(every) / GIB
+    return "offload", 1, "only offloading fits", estimate.total(1, offload=True) / GIB
 
 
 def plan_speed(
@@ -201,16 +140,17 @@ def plan_speed(
         if speed.memory_budget_gib is not None
         else int(0.9 * torch.cuda.get_device_properties(torch.device(device)).total_memory)
     )
-    estimate = estimate_activations(model, tokens_per_micro_batch, liger)
+    estimate = estimate_memory(
+        model, tokens_per_micro_batch, liger=liger, compute_16bit=computes_in_16bit(model, train), optim=str(getattr(train, "optim", "adamw_torch")),
+        gradient_accumulation=getattr(train, "gradient_accumulation_steps", 1),
+    )
     plan.activations, plan.recompute_every, reason, plan.estimate_gib = plan_activations(estimate, budget)
     plan.reason = f"{reason} in {budget / GIB:.1f} GiB"
     return plan
 
 
 __all__ = [
-    "ActivationEstimate",
     "SpeedPlan",
-    "estimate_activations",
     "liger_model_types",
     "plan_activations",
     "plan_speed",
