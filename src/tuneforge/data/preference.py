@@ -17,6 +17,7 @@ desirable and one undesirable reply (as TRL's `unpair_preference_dataset`).
 
 from __future__ import annotations
 
+import random
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -189,8 +190,13 @@ def build_preference_datasets(config: DataConfig, tokenizer: Any, seed: int, *, 
         stat.name = f"{stat.name} (eval)"
         eval_examples.extend(examples)
         stats.append(stat)
+    train = [example for part in parts for example in part]
+    if unpaired:
+        # KTO reads examples in order (its KL term pairs neighbours): shuffle once, so a batch
+        # is not all one dataset, or one pair's desirable and undesirable reply side by side.
+        random.Random(seed).shuffle(train)
     return Datasets(
-        train=_to_dataset([example for part in parts for example in part]),
+        train=_to_dataset(train),
         eval=_to_dataset(eval_examples) if eval_examples else None,
         stats=stats,
         template=template,

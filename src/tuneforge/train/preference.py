@@ -102,6 +102,9 @@ def _method_arguments(method: PreferenceMethod) -> tuple[type, type, dict[str, A
             "beta": method.beta, "desirable_weight": method.desirable_weight,
             "undesirable_weight": method.undesirable_weight,
             "precompute_ref_log_probs": method.reference == "precompute",
+            # The KL term pairs neighbouring examples, so KTO reads them in order (shuffled once
+            # by build_preference_datasets).
+            "train_sampling_strategy": "sequential",
         }
     if isinstance(method, OrpoMethod):
         return TuneforgeORPOTrainer, ORPOConfig, {"beta": method.beta}
@@ -122,7 +125,7 @@ def preference_arguments(config: Config, args: TrainingArguments) -> TrainingArg
     """
     _, config_class, method_fields = _method_arguments(config.method)  # type: ignore[arg-type]
     values = {field.name: getattr(args, field.name) for field in dataclasses.fields(TrainingArguments) if field.init}
-    return config_class(**values, **method_fields, max_length=config.data.max_length)
+    return config_class(**{**values, **method_fields, "max_length": config.data.max_length})
 
 
 def _reference_model(method: PreferenceMethod, model: torch.nn.Module) -> torch.nn.Module | None:
