@@ -19,6 +19,7 @@ from tuneforge.config.schema import (
     Component,
     DataConfig,
     DatasetSpec,
+    DistributedConfig,
     DpoMethod,
     EvalConfig,
     EvalTask,
@@ -55,6 +56,7 @@ SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("output.samples", SamplesConfig, "Generations shown at the end of training."),
     ("speed", SpeedConfig, "Kernels and activation memory (see docs/benchmarks.md)."),
     ("guards", GuardsConfig, "What training does when values go bad."),
+    ("distributed", DistributedConfig, "Several processes, GPUs or nodes (docs/distributed.md)."),
     ("eval", EvalConfig, "Evaluation tasks run during training (`tuneforge eval` runs the same tasks on a saved model)."),
     ("eval.tasks[]", EvalTask, "One evaluation task."),
 ]

@@ -556,6 +556,75 @@ class GuardsConfig(Section):
     )
 
 
+
+class DistributedConfig(Section):
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp",
+        description="How several processes share the work (docs/distributed.md): `ddp` keeps a full copy of "
+        "the weights and optimizer on every GPU; `fsdp` shards weights, gradients and optimizer "
+        "(PyTorch FSDP2 through accelerate; needs GPUs); `deepspeed` uses DeepSpeed ZeRO (`zero_stage`). "
+        "Ignored by a single process, except `deepspeed` (ZeRO offload helps on one GPU too).",
+    )
+    zero_stage: Literal[1, 2, 3] = Field(
+        3,
+        description="DeepSpeed: 1 shards the optimizer state, 2 also the gradients, 3 also the weights. "
+        "Picks the shipped `zero<stage>.json` (tuneforge/train/deepspeed/).",
+    )
+    deepspeed_config: str | None = Field(
+        None,
+        description="DeepSpeed: your own JSON config file, used instead of the shipped one (`auto` values are "
+        "filled from the `train` section). `zero_stage` and the offload keys must then stay unset.",
+    )
+    offload_optimizer: bool = Field(
+        False,
+        description="Keep the optimizer state in CPU memory. DeepSpeed: ZeRO-Offload with DeepSpeed's CPU "
+        "Adam; FSDP offloads parameters and optimizer together (`offload_params`).",
+    )
+    offload_params: bool = Field(
+        False,
+        description="Keep the weights in CPU memory between uses (DeepSpeed ZeRO-3; FSDP CPU offload, which "
+        "also runs the optimizer step on the CPU). Slower; for models that do not fit otherwise.",
+    )
+    reshard_after_forward: bool = Field(
+        True,
+        description="FSDP2: free the gathered weights after each layer's forward (least memory, like ZeRO-3); "
+        "false keeps them until the backward (faster, like ZeRO-2).",
+    )
+    checkpoint: Literal["sharded", "full"] = Field(
+        "sharded",
+        description="FSDP: checkpoints as one shard per process (fast, resumable on another process count) or "
+        "gathered into one file on rank 0. The final `model/` is always a standard Hugging Face checkpoint.",
+    )
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto",
+        description="Compute precision of every engine: `bf16` or `fp16` set `train.bf16`/`train.fp16`; "
+        "`auto` leaves them as the `train` section says.",
+    )
+    timeout_minutes: float = Field(
+        30,
+        gt=0,
+        description="A collective (gradient all-reduce, barrier) waiting longer than this fails the run "
+        "with an error naming the rank, instead of hanging (`train.ddp_timeout`).",
+    )
+    preprocess_timeout_minutes: float = Field(
+        240,
+        gt=0,
+        description="How long the other processes wait for local rank 0 to fill the tokenisation cache (a "
+        "file barrier, not a collective, so slow preprocessing never trips `timeout_minutes`).",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DistributedConfig:
+        if self.deepspeed_config is not None and (
+            {"zero_stage", "offload_optimizer", "offload_params"} & self.model_fields_set
+        ):
+            raise ValueError("with deepspeed_config, set ZeRO stage and offload in that file, not here")
+        if self.offload_params and self.strategy == "deepspeed" and self.zero_stage != 3:
+            raise ValueError("DeepSpeed offloads parameters only with zero_stage: 3")
+        if self.strategy == "fsdp" and self.offload_optimizer and not self.offload_params:
+            raise ValueError("FSDP offloads parameters and optimizer together: set offload_params: true")
+        return self
+
 EVAL_TASK_FORMATS = {
     "loss": ("instruction", "chat", "multiple_choice", "text"),
     "multiple_choice": ("multiple_choice",),
@@ -632,6 +701,10 @@ class Config(Section):
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
     speed: SpeedConfig = Field(default_factory=SpeedConfig, description="Kernels and activation memory.")
     guards: GuardsConfig = Field(default_factory=GuardsConfig, description="What training does when values go bad.")
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig,
+        description="Several GPUs or nodes: DDP, FSDP2 or DeepSpeed ZeRO (docs/distributed.md).",
+    )
     eval: EvalConfig = Field(
         default_factory=EvalConfig, description="Evaluation tasks (accuracy, exact match) run during training."
     )

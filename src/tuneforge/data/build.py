@@ -331,7 +331,7 @@ def _streaming_datasets(config: DataConfig, tokenizer: Any, template: Template) 
 
 def build_datasets(
     config: DataConfig, tokenizer: Any, seed: int, *, use_cache: bool = True, batch_size: int = 8,
-    images: ImageInputs | None = None,
+    images: ImageInputs | None = None, peers_wait: bool = False, wait_seconds: float | None = None,
 ) -> Datasets:
     """Tokenised train and eval sets plus per-dataset statistics, from the cache when possible.
 
@@ -339,6 +339,9 @@ def build_datasets(
     before mixing, so a repeated example never lands in both splits. With `packing`, training
     examples are packed into rows (`batch_size` only sets the padded baseline that packing
     efficiency is compared with).
+
+    Several processes: the one with `peers_wait` builds (and leaves a failure marker if it
+    fails); those with `wait_seconds` wait for its cache entry that long, then load it.
     """
     template = _resolve(config.datasets[0], tokenizer, "data.datasets.0")
     if config.streaming:
@@ -348,6 +351,8 @@ def build_datasets(
             "packing is not supported with images", where="data.packing", hint="set data.packing: false"
         )
     cache = DataCache(config, tokenizer, seed, extra=images.fingerprint() if images else "") if use_cache else None
+    if cache is not None and wait_seconds is not None:
+        cache.wait(wait_seconds)
     if cache is not None:
         cached = cache.load()
         if cached is not None:
@@ -355,14 +360,21 @@ def build_datasets(
             stats = [DatasetStats(**s) for s in meta["datasets"]]
             packing = PackingStats(**meta["packing"]) if meta.get("packing") else None
             return Datasets(train, evaluation, stats, template, from_cache=True, packing=packing, images=images)
-    datasets = _tokenize_all(config, tokenizer, template, seed, batch_size, images)
-    datasets.images = images
-    if cache is not None:
-        meta = {
-            "datasets": [vars(s) for s in datasets.stats],
-            "packing": vars(datasets.packing) if datasets.packing else None,
-        }
-        cache.save(datasets.train, datasets.eval, meta)
+    if cache is not None and peers_wait:
+        cache.clear_failure()
+    try:
+        datasets = _tokenize_all(config, tokenizer, template, seed, batch_size, images)
+        datasets.images = images
+        if cache is not None:
+            meta = {
+                "datasets": [vars(s) for s in datasets.stats],
+                "packing": vars(datasets.packing) if datasets.packing else None,
+            }
+            cache.save(datasets.train, datasets.eval, meta)
+    except BaseException as error:
+        if cache is not None and peers_wait:
+            cache.mark_failed(error)
+        raise
     return datasets
 
 

@@ -4,6 +4,12 @@ The key covers everything that changes the result (PITFALLS 6): the data files' 
 component's rows), the tokenizer's vocabulary, merges, special tokens and chat template, the
 `data` config section, the seed and the tuneforge version. Entries are written to a temporary
 folder and renamed into place, so a killed preprocessing run never leaves half an entry.
+
+With several processes one of them fills an entry while the others wait for it on the file
+system (`wait`), not in a collective: preprocessing may take longer than any collective
+timeout (PITFALLS 7), and a collective around it (`main_process_first`) is what deadlocks or
+times out elsewhere. If the builder fails it leaves `<key>.failed` with its error, which the
+waiting processes raise instead of waiting out their timeout.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +33,12 @@ from datasets import (
 from tuneforge import __version__
 from tuneforge.config.schema import DataConfig, DatasetSpec
 from tuneforge.data.sources import HF_PREFIX, read_rows, source_files
+from tuneforge.errors import DataError
 
 # Settings that do not change the tokenised result.
 NOT_IN_KEY = {"num_proc", "cache_dir"}
+# A failure marker older than this before a waiter started is from an earlier launch.
+STALE_FAILURE_SECONDS = 60
 # Bumped whenever what an entry holds changes, so older entries are never misread.
 CACHE_FORMAT = 2
 
@@ -119,6 +129,45 @@ class DataCache:
         finally:
             enable_progress_bars()
         print(f"[tuneforge] tokenised data cached in {self.path}", flush=True)
+
+    @property
+    def failure_marker(self) -> Path:
+        return self.path.parent / f"{self.key}.failed"
+
+    def mark_failed(self, error: BaseException) -> None:
+        """Tell the processes waiting for this entry that it will not come, and why."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.failure_marker.write_text(str(error) or type(error).__name__, encoding="utf-8")
+
+    def clear_failure(self) -> None:
+        self.failure_marker.unlink(missing_ok=True)
+
+    def wait(self, timeout_seconds: float, poll_seconds: float = 0.2) -> None:
+        """Block until another process has filled this entry (a file barrier).
+
+        Raises:
+            DataError: that process failed (its error is repeated), or `timeout_seconds` passed.
+        """
+        started = time.time()
+        while not (self.path / "stats.json").exists():
+            marker = self.failure_marker
+            try:
+                if marker.stat().st_mtime >= started - STALE_FAILURE_SECONDS:
+                    raise DataError(
+                        f"the process preprocessing the data failed: {marker.read_text(encoding='utf-8')}",
+                        where=f"tokenisation cache {self.path}",
+                        hint="local rank 0's log has the details; fix it there, or run tuneforge preprocess CONFIG",
+                    )
+            except FileNotFoundError:
+                pass
+            if time.time() - started > timeout_seconds:
+                raise DataError(
+                    f"waited {timeout_seconds / 60:.1f} minutes for local rank 0 to fill the tokenisation cache",
+                    where=f"tokenisation cache {self.path}",
+                    hint="run tuneforge preprocess CONFIG before the launch, or raise "
+                    "distributed.preprocess_timeout_minutes; on several nodes see docs/distributed.md (shared cache)",
+                )
+            time.sleep(poll_seconds)
 
 
 __all__ = ["DataCache", "cache_key", "default_cache_root", "tokenizer_fingerprint"]

@@ -121,25 +121,35 @@ def check_space_for_checkpoint(run_dir: str | Path, needed: int, step: int) -> N
         )
 
 
-def write_manifest(checkpoint: Path, step: int) -> None:
-    """Record every file of a finished checkpoint with its size, and flush them all to disk."""
+def write_manifest(checkpoint: Path, step: int, layout: dict[str, Any] | None = None) -> None:
+    """Record every file of a finished checkpoint with its size, and flush them all to disk.
+
+    `layout`: how many processes, with which engine, wrote it (see `distributed.py`)."""
     files = {}
     for file in sorted(checkpoint.rglob("*")):
         if file.is_file():
             _fsync_file(file)
             files[file.relative_to(checkpoint).as_posix()] = file.stat().st_size
     manifest = checkpoint / MANIFEST
-    manifest.write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n", encoding="utf-8")
+    manifest.write_text(json.dumps({"step": step, **(layout or {}), "files": files}, indent=1) + "\n", encoding="utf-8")
     _fsync_file(manifest)
 
 
-def commit_checkpoint(staged: Path, final: Path, step: int) -> None:
+def read_manifest(checkpoint: str | Path) -> dict[str, Any]:
+    """A checkpoint's manifest; empty for one without (plain Trainer, older tuneforge)."""
+    try:
+        return json.loads((Path(checkpoint) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def commit_checkpoint(staged: Path, final: Path, step: int, layout: dict[str, Any] | None = None) -> None:
     """Move a fully written checkpoint into place with one rename.
 
     A checkpoint of the same step already there (a resumed run saving that step again) is
     moved aside first and deleted after: at no moment is a half-written `final` visible.
     """
-    write_manifest(staged, step)
+    write_manifest(staged, step, layout)
     _fsync_dir(staged)
     displaced = None
     if final.exists():
@@ -210,6 +220,7 @@ class AtomicCheckpointMixin:
     """
 
     _staging_root: str | None = None
+    checkpoint_layout: dict[str, Any] | None = None  # written into each manifest
 
     def _get_output_dir(self, trial: Any) -> str:
         # Trainer._save_checkpoint writes to `<this>/checkpoint-N`: point it at the staging dir.
@@ -247,7 +258,7 @@ class AtomicCheckpointMixin:
         # Every rank has written its shards before the checkpoint becomes visible.
         self.accelerator.wait_for_everyone()  # type: ignore[attr-defined]
         if args.should_save:
-            commit_checkpoint(staged, final, state.global_step)
+            commit_checkpoint(staged, final, state.global_step, self.checkpoint_layout)
             shutil.rmtree(staging_root, ignore_errors=True)
             rotate_checkpoints(run_dir, args.save_total_limit, state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()  # type: ignore[attr-defined]
@@ -288,5 +299,6 @@ __all__ = [
     "find_good_checkpoint",
     "good_checkpoints",
     "is_complete_checkpoint",
+    "read_manifest",
     "rotate_checkpoints",
 ]
