@@ -59,6 +59,17 @@ from tuneforge.models.vlm import (
 )
 from tuneforge.train.callbacks import MetricsLogger, TrainingProgress
 from tuneforge.train.checkpoints import estimate_save_bytes
+from tuneforge.train.distributed import (
+    Ranks,
+    barrier,
+    check_engine,
+    check_resume_layout,
+    checkpoint_layout,
+    engine_arguments,
+    planned_engine,
+    use_full_state_dict,
+    verify_export,
+)
 from tuneforge.train.eval_callback import EvalTasksCallback
 from tuneforge.train.preference import (
     build_preference_trainer,
@@ -80,7 +91,8 @@ from tuneforge.train.trainer import TuneforgeTrainer
 
 
 def _say(message: str) -> None:
-    print(f"[tuneforge] {message}", flush=True)
+    if Ranks.from_env().is_main:  # one copy of each message, not one per process
+        print(f"[tuneforge] {message}", flush=True)
 
 
 def _build_training_arguments(config: Config, run_dir: Path) -> transformers.TrainingArguments:
@@ -91,6 +103,7 @@ def _build_training_arguments(config: Config, run_dir: Path) -> transformers.Tra
     else:
         # Count real (non-padding) tokens so throughput is honest.
         runtime = {"include_num_input_tokens_seen": "non_padding"}
+    runtime.update(engine_arguments(config.distributed, Ranks.from_env().world_size))
     try:
         args = to_training_arguments(config.train, str(run_dir), disable_tqdm=True, **runtime)
         return preference_arguments(config, args) if isinstance(config.method, PreferenceMethod) else args
@@ -124,7 +137,11 @@ def _save_final(
         generation_config = getattr(trainer.model, "generation_config", None)
         if generation_config is not None:
             generation_config.eos_token_id = datasets.template.stop_token_ids(tokenizer)
-    trainer.save_model(str(model_dir))
+    use_full_state_dict(trainer)  # the export is a standard checkpoint, whatever the checkpoints are
+    trainer.save_model(str(model_dir))  # every rank: sharded engines gather the weights to rank 0
+    if not trainer.is_world_process_zero():
+        return model_dir
+    verify_export(model_dir)
     tokenizer.save_pretrained(str(model_dir))
     if datasets.images is not None:
         save_processor(model_dir, tokenizer, datasets.images, trainer.model)
@@ -218,7 +235,7 @@ def _setup_model(
     if (config.model.init == "random" or config.model.vision is not None) and isinstance(method, LoraMethod):
         # Random or just-assembled base weights exist nowhere else: keep them so the adapter stays usable.
         base_dir = run_dir / "base"
-        if not base_dir.exists():
+        if Ranks.from_env().is_main and not base_dir.exists():
             model.save_pretrained(str(base_dir))
             tokenizer.save_pretrained(str(base_dir))
     model, counts = prepare_model(
@@ -304,11 +321,19 @@ def train(
     """
     config = load_config(config, overrides)
     preflight(config.model)  # before anything is written or loaded
-    run_dir = prepare_run_dir(config.output)
+    ranks = Ranks.from_env()
+    run_dir = Path(config.output.dir)  # type: ignore[arg-type]
+    args = _build_training_arguments(config, run_dir)
+    args.device  # noqa: B018 -- starts the process group (with distributed.timeout_minutes) for the barrier
+    if ranks.is_main:  # one process creates, clears and writes the run directory; the others wait
+        prepare_run_dir(config.output)
+        resolved = dump_config(config)
+        (run_dir / "config.yaml").write_text(resolved, encoding="utf-8")
+        _say(f"resolved config (saved to {run_dir / 'config.yaml'}):\n{resolved}")
+    barrier()
     resume = find_resume_checkpoint(config.output, run_dir)
-    resolved = dump_config(config)
-    (run_dir / "config.yaml").write_text(resolved, encoding="utf-8")
-    _say(f"resolved config (saved to {run_dir / 'config.yaml'}):\n{resolved}")
+    if resume is not None:
+        check_resume_layout(resume, config.distributed, ranks.world_size)
 
     transformers.set_seed(config.train.seed)
     tokenizer = load_tokenizer(config.model)
@@ -320,14 +345,16 @@ def train(
         datasets = build_datasets(
             config.data, tokenizer, seed=config.train.seed, batch_size=config.train.per_device_train_batch_size,
             images=prepare_image_inputs(config.model, tokenizer),
+            # Local rank 0 tokenises; the others wait for its cache entry on a file barrier.
+            peers_wait=ranks.world_size > 1 and ranks.local_rank == 0,
+            wait_seconds=None if ranks.local_rank == 0 else config.distributed.preprocess_timeout_minutes * 60,
         )
     _log_data(datasets)
     _check_data(config, datasets)
 
-    args = _build_training_arguments(config, run_dir)
     model, counts, base_dir, model_class = _setup_model(config, args, tokenizer, run_dir, datasets.images)
     metrics_path = run_dir / "metrics.jsonl"
-    if resume is not None:
+    if resume is not None and ranks.is_main:
         trim_metrics(metrics_path, checkpoint_step(resume))
         _say(f"resuming from {resume}")
     metrics_logger = MetricsLogger(metrics_path)
@@ -337,6 +364,8 @@ def train(
             config, args, model, tokenizer, datasets,
             [metrics_logger, TrainingProgress(), preemption, *(callbacks or [])],
         )
+        check_engine(trainer, config.distributed, ranks.world_size)
+        trainer.checkpoint_layout = checkpoint_layout(config.distributed, ranks.world_size)
         if config.eval.tasks:
             trainer.add_callback(EvalTasksCallback(trainer, config.eval.tasks, datasets.template))
         measured = _fit(trainer, resume, datasets.eval is not None)
@@ -349,12 +378,15 @@ def train(
         tokens_seen=trainer.state.num_input_tokens_seen - metrics_logger.tokens_at_start,
         parameters=counts,
         resumed_from=resume,
-        samples=_show_samples(config, trainer.model, tokenizer, datasets.template),
+        # A sharded model generates only with every rank taking part: samples come from DDP runs.
+        samples=_show_samples(config, trainer.model, tokenizer, datasets.template)
+        if ranks.is_main and planned_engine(config.distributed, ranks.world_size) == "ddp" else [],
         preference=preference_report(trainer.state.log_history),
         **measured,
     )
-    write_summary(result)
-    print_summary(result)
+    if ranks.is_main:
+        write_summary(result)
+        print_summary(result)
     if config.model.init == "random":
         _say(
             "note: this was a randomly initialised demonstration model, not a real one. To fine-tune "
