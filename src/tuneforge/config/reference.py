@@ -86,6 +86,8 @@ def _default(field: Any) -> str:
     value = field.default_factory() if field.default_factory is not None else field.default
     if value is PydanticUndefined:
         return "required"
+    if isinstance(value, BaseModel):  # a nested section, e.g. a preference method's adapter
+        value = value.model_dump(mode="json")
     return f"`{json.dumps(value, ensure_ascii=False)}`"
 
 
