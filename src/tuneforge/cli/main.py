@@ -20,7 +20,9 @@ from tuneforge.cli import (
     export,
     generate,
     merge,
+    plan,
     preprocess,
+    report,
     train,
 )
 from tuneforge.cli import eval as eval_verb
@@ -28,6 +30,7 @@ from tuneforge.errors import TuneforgeError
 
 # verb -> module with `add_arguments(parser)` and `run(args) -> int`; the modules call the library.
 VERBS = {
+    "plan": plan,
     "train": train,
     "preprocess": preprocess,
     "data": data,
@@ -37,6 +40,7 @@ VERBS = {
     "eval": eval_verb,
     "merge": merge,
     "export": export,
+    "report": report,
     "bench": bench,
 }
 

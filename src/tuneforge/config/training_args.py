@@ -22,8 +22,9 @@ from tuneforge.config.section import RENAMED_KEYS, Section
 # Owned by other sections (see RENAMED_KEYS) or set by tuneforge itself.
 EXCLUDED_FIELDS = {"output_dir", "resume_from_checkpoint", "local_rank", "use_liger_kernel"}
 
-# Where tuneforge's default differs from transformers': small runs should log often.
-TUNEFORGE_DEFAULTS: dict[str, Any] = {"logging_steps": 10, "report_to": "none"}
+# Where tuneforge's default differs from transformers': small runs should log often, and metrics
+# go to TensorBoard (offline, under the run directory's runs/); `report_to: [wandb]` or `[mlflow]` adds those.
+TUNEFORGE_DEFAULTS: dict[str, Any] = {"logging_steps": 10, "report_to": "tensorboard"}
 
 
 def _field_type(annotation: Any) -> Any:

@@ -104,6 +104,16 @@ def recompute_flops_per_token(shape: ModelShape, recomputed_layers: int) -> floa
     return 2 * per_layer * recomputed_layers
 
 
+def model_flops_per_token(model: torch.nn.Module, seq: int) -> float | None:
+    """`flops_per_token` for a loaded model, or None for one without a transformer's config."""
+    try:
+        shape = ModelShape.from_config(getattr(model, "config", None))
+    except ConfigError:
+        return None
+    weight_gradients = any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    return flops_per_token(shape, seq, weight_gradients)
+
+
 def matmul_peak_tflops() -> float | None:
     """The achieved bf16 matrix-product rate on this GPU, the denominator of MFU."""
     if not torch.cuda.is_available():
@@ -401,6 +411,7 @@ __all__ = [
     "estimate_memory",
     "flops_per_token",
     "matmul_peak_tflops",
+    "model_flops_per_token",
     "optimizer_state_bytes",
     "recompute_flops_per_token",
     "weight_bytes",

@@ -57,7 +57,9 @@ from tuneforge.models.vlm import (
     save_processor,
     vlm_method,
 )
-from tuneforge.train.callbacks import MetricsLogger, TrainingProgress
+from tuneforge.plan.estimate import matmul_peak_tflops, model_flops_per_token
+from tuneforge.plan.planner import check_before_training
+from tuneforge.train.callbacks import MetricsLogger, TrainingProgress, report_after_metrics
 from tuneforge.train.checkpoints import estimate_save_bytes
 from tuneforge.train.distributed import (
     Ranks,
@@ -86,7 +88,7 @@ from tuneforge.train.run_dir import (
     trim_metrics,
     write_run_metadata,
 )
-from tuneforge.train.summary import RunResult, print_summary, write_summary
+from tuneforge.train.summary import RunResult, print_summary, write_report, write_summary
 from tuneforge.train.trainer import TuneforgeTrainer
 
 
@@ -247,6 +249,7 @@ def _setup_model(
     )
     plan.apply(args)
     _say(plan.describe())
+    _say(check_before_training(model, config.train, plan, args.per_device_train_batch_size * config.data.max_length, args.device))
     _attach_input_grads_for_checkpointing(model, args)
     _say(f"method {config.method.name}: {counts.describe()}")
     per_save = estimate_save_bytes(model, save_only_model=bool(args.save_only_model))
@@ -357,13 +360,16 @@ def train(
     if resume is not None and ranks.is_main:
         trim_metrics(metrics_path, checkpoint_step(resume))
         _say(f"resuming from {resume}")
-    metrics_logger = MetricsLogger(metrics_path)
+    metrics_logger = MetricsLogger(
+        metrics_path, flops_per_token=model_flops_per_token(model, config.data.max_length), peak_tflops=matmul_peak_tflops()
+    )
     # SIGTERM/SIGUSR1 from a scheduler: checkpoint at the next step end, then TrainingPreempted.
     with install_preemption_handlers() as preemption:
         trainer = _build_trainer(
             config, args, model, tokenizer, datasets,
             [metrics_logger, TrainingProgress(), preemption, *(callbacks or [])],
         )
+        report_after_metrics(trainer)
         check_engine(trainer, config.distributed, ranks.world_size)
         trainer.checkpoint_layout = checkpoint_layout(config.distributed, ranks.world_size)
         if config.eval.tasks:
@@ -378,6 +384,7 @@ def train(
         tokens_seen=trainer.state.num_input_tokens_seen - metrics_logger.tokens_at_start,
         parameters=counts,
         resumed_from=resume,
+        best_checkpoint=trainer.state.best_model_checkpoint,
         # A sharded model generates only with every rank taking part: samples come from DDP runs.
         samples=_show_samples(config, trainer.model, tokenizer, datasets.template)
         if ranks.is_main and planned_engine(config.distributed, ranks.world_size) == "ddp" else [],
@@ -386,6 +393,7 @@ def train(
     )
     if ranks.is_main:
         write_summary(result)
+        write_report(run_dir)
         print_summary(result)
     if config.model.init == "random":
         _say(
