@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 
 from tuneforge.cli.config_arguments import add_config_arguments
 
@@ -31,9 +33,11 @@ def _epoch_tokens(config) -> int | None:
     from tuneforge.data.build import build_datasets
     from tuneforge.models.loading import load_tokenizer
 
-    datasets = build_datasets(
-        config.data, load_tokenizer(config.model), seed=config.train.seed, batch_size=config.train.per_device_train_batch_size
-    )
+    # The data pipeline reports on stdout; the plan (maybe JSON) must be all that is printed there.
+    with contextlib.redirect_stdout(sys.stderr):
+        datasets = build_datasets(
+            config.data, load_tokenizer(config.model), seed=config.train.seed, batch_size=config.train.per_device_train_batch_size
+        )
     return sum(stats.tokens for stats in datasets.stats if not stats.name.endswith("(eval)"))
 
 

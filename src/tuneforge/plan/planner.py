@@ -92,7 +92,7 @@ class Plan:
             "fits": self.fits,
             "flops_per_token": self.flops_per_token,
             "train_tokens": self.train_tokens,
-            "estimated_hours": None if self.seconds is None else round(self.seconds / 3600, 3),
+            "estimated_seconds": self.seconds,
             "suggestions": self.suggestions,
         }
 

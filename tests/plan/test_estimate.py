@@ -1,0 +1,144 @@
+"""The planner's arithmetic: exact parameter counts, optimizer and 4-bit bytes by hand, sharding,
+activations against memory measured on a CPU, and peaks against ones measured on an H200."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from tests.train.test_recipe import config as recipe_config
+from tuneforge.bench.cases import SHAPES
+from tuneforge.config.loading import load_config
+from tuneforge.methods.prepare import count_parameters, prepare_model
+from tuneforge.models.loading import load_model
+from tuneforge.plan.estimate import (
+    GIB,
+    NF4_BYTES_PER_PARAMETER,
+    Strategy,
+    estimate_memory,
+    optimizer_state_bytes,
+    weight_bytes,
+)
+from tuneforge.plan.planner import build_meta_model
+
+
+@pytest.mark.parametrize(
+    "method",
+    [{"name": "full"}, {"name": "lora", "r": 4}, {"name": "freeze", "last_layers": 1}],
+)
+def test_parameter_counts_from_the_meta_model_equal_the_instantiated_ones(tmp_path, tiny_model_dir, method):
+    config = load_config({**recipe_config(tmp_path, tiny_model_dir), "method": method})
+    meta = build_meta_model(config)
+    assert all(p.device.type == "meta" for p in meta.parameters())
+    _, real = prepare_model(config.method, load_model(config.model))
+    assert count_parameters(meta) == real
+
+
+def test_optimizer_bytes_follow_the_parameter_dtype_and_the_optimizer():
+    assert optimizer_state_bytes("adamw_torch_fused", 1000, 4) == 8000  # two fp32 moments
+    assert optimizer_state_bytes("adamw_torch", 1000, 2) == 4000  # bf16 weights: bf16 moments
+    assert optimizer_state_bytes("adamw_bnb_8bit", 1000, 2) == 2000
+    assert optimizer_state_bytes("lion_32bit", 1000, 4) == 4000
+    assert optimizer_state_bytes("sgd", 1000, 4) == 0
+
+
+def _tiny(dtype):
+    with torch.device("meta"):
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, tie_word_embeddings=False,
+        )).to(dtype)
+
+
+def test_full_fine_tuning_state_by_hand():
+    model = _tiny(torch.bfloat16)
+    # per layer: q, o 16x16; k, v 16x8; gate, up, down 16x32; two norms of 16
+    per_layer = 2 * 256 + 2 * 128 + 3 * 512 + 2 * 16
+    parameters = 2 * 100 * 16 + 2 * per_layer + 16
+    estimate = estimate_memory(model, tokens=64, liger=False)
+    assert count_parameters(model).total == parameters
+    assert estimate.weights == estimate.gradients == 2 * parameters
+    assert estimate.optimizer == 4 * parameters
+    fp32 = estimate_memory(_tiny(torch.float32), tokens=64, liger=False, compute_16bit=False)
+    assert fp32.optimizer == 8 * parameters
+
+
+def test_qlora_weights_are_nf4_for_the_layers_and_bf16_for_embeddings_head_and_norms():
+    model = get_peft_model(_tiny(torch.bfloat16), LoraConfig(r=2, target_modules="all-linear"))
+    linear = 2 * (2 * 256 + 2 * 128 + 3 * 512)
+    rest = 2 * 100 * 16 + 2 * 2 * 16 + 16  # embeddings, head, norms
+    adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}  # peft upcasts adapters
+    assert weight_bytes(model, "4bit") == int(512 * NF4_BYTES_PER_PARAMETER) * 2 * 3 + int(
+        256 * NF4_BYTES_PER_PARAMETER
+    ) * 2 * 2 + int(128 * NF4_BYTES_PER_PARAMETER) * 2 * 2 + 2 * rest + 4 * adapters
+    assert sum(p.numel() for p in model.parameters()) == linear + rest + adapters
+    estimate = estimate_memory(model, tokens=64, liger=True, quantization="4bit")
+    assert estimate.gradients == 4 * adapters and estimate.optimizer == 8 * adapters
+
+
+def test_sharding_divides_what_each_strategy_shards():
+    estimate = estimate_memory(_tiny(torch.bfloat16), tokens=64, liger=True)
+    zero3 = estimate.sharded(Strategy.parse("zero3"), gpus=4)
+    assert (zero3.weights, zero3.gradients, zero3.optimizer) == (
+        estimate.weights // 4, estimate.gradients // 4, estimate.optimizer // 4
+    )
+    zero1 = estimate.sharded(Strategy.parse("zero1"), gpus=4)
+    assert (zero1.weights, zero1.optimizer) == (estimate.weights, estimate.optimizer // 4)
+    assert zero1.comm_buffers == estimate.gradients  # unsharded gradients go through DDP-style buckets
+    assert estimate.sharded(Strategy.parse("zero2-offload"), gpus=2).optimizer == 0
+    assert Strategy.from_train(type("T", (), {"fsdp": "full_shard auto_wrap", "deepspeed": None})()).shard_weights
+    assert estimate.sharded(Strategy(), gpus=1) == estimate
+
+
+def test_activation_estimate_matches_the_memory_saved_for_backward_on_a_cpu():
+    """Measured: the bytes of every distinct storage autograd saves during a forward pass
+    (weights excluded), of a fp32 Llama without Liger. Stated tolerance: 25%."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2,
+    ))
+    ids = torch.randint(0, 512, (2, 128))
+    saved: dict[int, int] = {}
+
+    def keep(tensor):
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        model(input_ids=ids, labels=ids)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    measured = sum(size for pointer, size in saved.items() if pointer not in weights)
+    predicted = estimate_memory(model, tokens=ids.numel(), liger=False, compute_16bit=False).activations()
+    assert predicted == pytest.approx(measured, rel=0.25)
+
+
+def _meta(shape, lora):
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES[shape]), dtype=torch.bfloat16)
+    return get_peft_model(model, LoraConfig(r=16, target_modules="all-linear")) if lora else model
+
+
+# Peaks (torch.cuda.max_memory_allocated, GiB) measured on an H200 with Liger and fused AdamW
+# (docs/planner.md): (shape, LoRA, micro-batch x sequence, quantization, recompute every, offload, Liger).
+MEASURED = [
+    ("llama-8b", True, 4096, "none", 0, False, True, 39.1),
+    ("llama-8b", True, 4096, "none", 6, False, True, 34.9),
+    ("llama-8b", True, 4096, "none", 3, False, True, 31.5),
+    ("llama-8b", True, 4096, "none", 1, True, True, 16.9),
+    ("llama-8b", True, 4096, "4bit", 0, False, True, 25.2),
+    ("llama-1b", False, 8192, "none", 0, False, True, 18.2),
+    ("llama-8b", True, 4096, "none", 1, False, False, 22.4),  # plain HF Trainer, checkpointing
+    ("llama-1b", False, 8192, "none", 0, False, False, 33.4),  # plain HF Trainer
+]
+
+
+def test_predicted_peaks_are_within_15_percent_of_the_h200_measurements():
+    models = {(shape, lora): _meta(shape, lora) for shape, lora in {(row[0], row[1]) for row in MEASURED}}
+    for shape, lora, tokens, quantization, every, offload, liger, measured in MEASURED:
+        estimate = estimate_memory(models[shape, lora], tokens, liger=liger, quantization=quantization)
+        predicted = estimate.total(every, offload) / GIB
+        assert predicted == pytest.approx(measured, rel=0.15), (shape, lora, quantization, every, offload, liger)
