@@ -215,19 +215,19 @@ def _suggestions(config: Config, model: torch.nn.Module, options: PlanOptions, e
     micro_batch, accumulation = config.train.per_device_train_batch_size, config.train.gradient_accumulation_steps
     common = {"liger": liger, "quantization": quantization, "compute_16bit": computes_in_16bit(model, config.train),
               "optim": str(config.train.optim)}
-    smaller = micro_batch // 2
-    while smaller >= 1:
+    # The largest smaller micro-batch that fits with activations kept, else with recomputation.
+    options_by_speed = [
+        (every, label, smaller)
+        for every, label in ((0, ""), (1, " speed.activations=recompute"))
+        for smaller in (micro_batch // 2**k for k in range(1, micro_batch.bit_length()))
+    ]
+    for every, label, smaller in options_by_speed:
         e = estimate_memory(model, smaller * config.data.max_length, gradient_accumulation=2, **common).sharded(strategy, options.gpus)
-        for every, label in ((0, ""), (1, " speed.activations=recompute")):
-            gib = fits(e, every)
-            if gib:
-                found.append(f"train.per_device_train_batch_size={smaller} train.gradient_accumulation_steps="
-                             f"{accumulation * micro_batch // smaller}{label}: {gib:.1f} GiB")
-                break
-        else:
-            smaller //= 2
-            continue
-        break
+        gib = fits(e, every)
+        if gib:
+            found.append(f"train.per_device_train_batch_size={smaller} train.gradient_accumulation_steps="
+                         f"{accumulation * micro_batch // smaller}{label}: {gib:.1f} GiB")
+            break
     if options.gpus > 1:
         for name in ("fsdp", "zero3-offload"):
             e = estimate_memory(model, micro_batch * config.data.max_length, gradient_accumulation=accumulation, **common)
