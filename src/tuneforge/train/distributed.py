@@ -19,6 +19,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,20 @@ class Ranks:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def start_process_group(section: DistributedConfig, ranks: Ranks) -> None:
+    """Join the other ranks, with `distributed.timeout_minutes` on every collective.
+
+    Started here rather than by `TrainingArguments`: transformers passes `ddp_timeout` on to
+    accelerate only for GPU runs (with `use_cpu` the default 30 minutes stays), and the run
+    directory needs a barrier before the Trainer exists. accelerate adopts the existing group.
+    """
+    if ranks.world_size == 1 or torch.distributed.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(ranks.local_rank)  # NCCL binds each rank to its own GPU
+    torch.distributed.init_process_group(timeout=timedelta(minutes=section.timeout_minutes))
 
 
 def barrier() -> None:
@@ -216,6 +231,7 @@ __all__ = [
     "deepspeed_config",
     "engine_arguments",
     "planned_engine",
+    "start_process_group",
     "use_full_state_dict",
     "verify_export",
 ]

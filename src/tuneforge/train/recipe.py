@@ -69,6 +69,7 @@ from tuneforge.train.distributed import (
     checkpoint_layout,
     engine_arguments,
     planned_engine,
+    start_process_group,
     use_full_state_dict,
     verify_export,
 )
@@ -326,8 +327,8 @@ def train(
     preflight(config.model)  # before anything is written or loaded
     ranks = Ranks.from_env()
     run_dir = Path(config.output.dir)  # type: ignore[arg-type]
+    start_process_group(config.distributed, ranks)
     args = _build_training_arguments(config, run_dir)
-    args.device  # noqa: B018 -- starts the process group (with distributed.timeout_minutes) for the barrier
     if ranks.is_main:  # one process creates, clears and writes the run directory; the others wait
         prepare_run_dir(config.output)
         resolved = dump_config(config)
