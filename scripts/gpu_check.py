@@ -114,13 +114,14 @@ def save_random_weights(model_dir: Path) -> Path:
     return weights
 
 
-def run_case(name: str, config: dict, work: Path) -> dict:
+def run_case(name: str, config: dict, work: Path, launch: tuple[str, ...] = ()) -> dict:
+    """`launch`: extra `tuneforge train` flags, e.g. ("--nproc-per-node", "2")."""
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     started = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "tuneforge.cli.main", "train", str(path)],
-        capture_output=True, text=True,
+        [sys.executable, "-m", "tuneforge.cli.main", "train", str(path), *launch],
+        capture_output=True, text=True, check=False,
     )
     wall = time.perf_counter() - started
     log = work / f"{name}.log"
@@ -152,13 +153,94 @@ def run_case(name: str, config: dict, work: Path) -> dict:
     }
 
 
+def kill_and_resume(name: str, config: dict, work: Path, launch: tuple[str, ...]) -> dict:
+    """Start a 2-process run, SIGKILL the whole launch once a sharded checkpoint is complete, resume."""
+    import signal
+
+    from tuneforge.train.checkpoints import find_good_checkpoint, read_manifest
+
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    run_dir = Path(config["output"]["dir"])
+    command = [sys.executable, "-m", "tuneforge.cli.main", "train", str(path), *launch]
+    with (work / f"{name}-killed.log").open("w") as log:
+        # Its own process group: the kill reaches torchrun and every worker, as a node failure would.
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 1800
+        while find_good_checkpoint(run_dir) is None and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(2)
+        killed_at = find_good_checkpoint(run_dir)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    if killed_at is None:
+        return {"case": name, "status": "failed (no checkpoint before the kill)"}
+    layout = read_manifest(killed_at)
+    resumed = run_case(name, {**config, "output": {**config["output"], "resume": "auto", "overwrite": False}}, work, launch)
+    ok = resumed["status"] == "ok" and f"resuming from {killed_at}" in (work / f"{name}.log").read_text()
+    return {**resumed, "status": "ok" if ok else f"resume failed ({resumed['status']})",
+            "killed at": Path(killed_at).name, "checkpoint engine": layout.get("engine")}
+
+
+def distributed_cases(cases: set[str], lora: dict, tokenizer_dir: Path, args: argparse.Namespace) -> list[dict]:
+    """Issue 6's checks on 2 GPUs: (a) LoRA 8B DDP scaling, (b) full 8B FSDP2, (c) full 8B
+    DeepSpeed ZeRO-3, (d) kill and resume from the sharded FSDP2 checkpoint. On a CPU only (a)
+    runs, on the tiny shape (FSDP and DeepSpeed need GPUs)."""
+    wanted = cases & {"ddp-lora8b", "fsdp-full8b", "zero3-full8b", "fsdp-resume8b"}
+    gpu = torch.cuda.is_available()
+    if not gpu:
+        wanted &= {"ddp-lora8b"}
+    if not wanted:
+        return []
+    shape = "llama-8b" if gpu else "tiny"
+    lora8b = json.loads(json.dumps(lora))
+    lora8b["model"]["path"] = str(build_model_dir(shape, tokenizer_dir, args.work / shape))
+    lora8b["train"].update(per_device_train_batch_size=1, gradient_checkpointing=True)
+    if not gpu:
+        lora8b["train"].update(max_steps=3, use_cpu=True)
+    full8b = json.loads(json.dumps(lora8b))
+    full8b["method"] = {"name": "full"}
+    full8b["train"]["learning_rate"] = 1e-5
+    two = ("--nproc-per-node", "2")
+
+    def variant(config: dict, run: str, **distributed: object) -> dict:
+        copy = json.loads(json.dumps(config))
+        copy["output"]["dir"] = str(args.work / "runs" / run)
+        if distributed:
+            copy["distributed"] = distributed
+        return copy
+
+    results = []
+    if "ddp-lora8b" in wanted:
+        one = run_case(f"lora-{shape}-1gpu", variant(lora8b, "lora8b-1gpu"), args.work)
+        ddp = run_case(f"lora-{shape}-ddp-2gpu", variant(lora8b, "lora8b-ddp"), args.work, two)
+        key = "tokens/s (median, after warm-up)"
+        if one.get(key) and ddp.get(key):
+            ddp["2 GPUs / 1 GPU tokens/s (want >= 1.8)"] = round(ddp[key] / one[key], 2)
+        results += [one, ddp]
+    if "fsdp-full8b" in wanted:
+        results.append(run_case(f"full-{shape}-fsdp2-2gpu", variant(full8b, "full8b-fsdp", strategy="fsdp"), args.work, two))
+    if "zero3-full8b" in wanted:
+        zero3 = variant(full8b, "full8b-zero3", strategy="deepspeed", zero_stage=3)
+        results.append(run_case(f"full-{shape}-zero3-2gpu", zero3, args.work, two))
+    if "fsdp-resume8b" in wanted:
+        resume = variant(full8b, "full8b-fsdp-resume", strategy="fsdp")
+        resume["train"].update(save_strategy="steps", save_steps=max(2, args.steps // 3), save_total_limit=2)
+        results.append(kill_and_resume(f"full-{shape}-fsdp2-kill-resume", resume, args.work, two))
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="folder holding lamini_docs.jsonl")
     parser.add_argument("--work", type=Path, default=Path("/tmp/tf-gpu"))
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b")
-    parser.add_argument("--cases", default="lora,jcqa", help="comma-separated: lora, jcqa, qlora8b, vlm8b, dpo1b")
+    parser.add_argument(
+        "--cases", default="lora,jcqa",
+        help="comma-separated: lora, jcqa, qlora8b, vlm8b, dpo1b; "
+        "on 2 GPUs: ddp-lora8b, fsdp-full8b, zero3-full8b, fsdp-resume8b",
+    )
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     data = args.data / "lamini_docs.jsonl"
@@ -246,6 +328,7 @@ def main() -> int:
         dpo["train"]["learning_rate"] = 5e-5
         dpo["output"]["dir"] = str(args.work / "runs" / "dpo-1b")
         results.append(run_case(f"dpo-lora-{args.shape}-seq2048-mb{dpo['train']['per_device_train_batch_size']}", dpo, args.work))
+    results += distributed_cases(cases, lora_1b, tokenizer_dir, args)
     if padded.get("tokens/s (median, after warm-up)") and packed.get("tokens/s (median, after warm-up)"):
         gain = packed["tokens/s (median, after warm-up)"] / padded["tokens/s (median, after warm-up)"]
         print(f"padding-free packing vs padded batches, real tokens/s: {gain:.2f}x")

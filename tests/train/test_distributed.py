@@ -34,7 +34,12 @@ from tuneforge.train.distributed import (
     engine_arguments,
     verify_export,
 )
-from tuneforge.train.launch import expand_nodelist, resolve_rendezvous, scheduler_rendezvous, torchrun_arguments
+from tuneforge.train.launch import (
+    expand_nodelist,
+    resolve_rendezvous,
+    scheduler_rendezvous,
+    torchrun_arguments,
+)
 
 STEPS = 4
 
@@ -65,7 +70,7 @@ def tuneforge_train(*arguments: str, cwd: Path | None = None, timeout: float = 3
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(tuneforge.__file__).parents[1]), str(cwd or "")]))
     return subprocess.run(
         [sys.executable, "-m", "tuneforge.cli.main", "train", *arguments],
-        env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        check=False, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
     )
 
 
