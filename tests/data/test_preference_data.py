@@ -6,7 +6,11 @@ from tests.conftest import write_jsonl
 from tuneforge.config.loading import load_config
 from tuneforge.config.schema import DataConfig
 from tuneforge.data.preference import build_preference_datasets
-from tuneforge.data.templates import encode_conversation, encode_generation_prompt, resolve_template
+from tuneforge.data.templates import (
+    encode_conversation,
+    encode_generation_prompt,
+    resolve_template,
+)
 from tuneforge.errors import ConfigError, DataError
 
 
