@@ -289,10 +289,13 @@ def check_before_training(model: torch.nn.Module, train: Any, speed_plan: Any, t
     `speed_plan` is the resolved `SpeedPlan` (its activation placement is what runs).
     """
     quantization = "4bit" if getattr(model, "is_loaded_in_4bit", False) else "8bit" if getattr(model, "is_loaded_in_8bit", False) else "none"
-    estimate = estimate_memory(
-        model, tokens, liger=speed_plan.liger, quantization=quantization, compute_16bit=computes_in_16bit(model, train),
-        optim=str(getattr(train, "optim", "adamw_torch")), gradient_accumulation=getattr(train, "gradient_accumulation_steps", 1),
-    )
+    try:
+        estimate = estimate_memory(
+            model, tokens, liger=speed_plan.liger, quantization=quantization, compute_16bit=computes_in_16bit(model, train),
+            optim=str(getattr(train, "optim", "adamw_torch")), gradient_accumulation=getattr(train, "gradient_accumulation_steps", 1),
+        )
+    except ConfigError:
+        return "memory plan: not available (the model's config names no transformer shape)"
     every = 0 if speed_plan.activations == "keep" else speed_plan.recompute_every
     peak = estimate.total(every, speed_plan.activations == "offload")
     line = (f"memory plan: about {peak / GIB:.1f} GiB peak per GPU (weights {estimate.weights / GIB:.1f}, "
