@@ -91,6 +91,10 @@ def test_sharding_divides_what_each_strategy_shards():
     assert estimate.sharded(Strategy.parse("zero2-offload"), gpus=2).optimizer == 0
     assert Strategy.from_train(type("T", (), {"fsdp": "full_shard auto_wrap", "deepspeed": None})()).shard_weights
     assert estimate.sharded(Strategy(), gpus=1) == estimate
+    base = {"model": {"path": "m"}, "data": {"datasets": [{"path": "a.jsonl"}]}}
+    zero = load_config({**base, "distributed": {"strategy": "deepspeed", "zero_stage": 2, "offload_optimizer": True}})
+    assert Strategy.from_config(zero).name == "zero2-offload"
+    assert Strategy.from_config(load_config(base)).name == "ddp"
 
 
 def test_activation_estimate_matches_the_memory_saved_for_backward_on_a_cpu():

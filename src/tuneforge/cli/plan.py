@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--gpus", type=int, default=1, help="GPUs training together (default 1)")
     parser.add_argument("--gpu-memory", type=float, help="GiB per GPU (default: this GPU's, else 80)")
-    parser.add_argument("--strategy", choices=Strategy.NAMES, help="default: from train.fsdp / train.deepspeed, else ddp")
+    parser.add_argument("--strategy", choices=Strategy.NAMES, help="default: the distributed section's (or train.fsdp / train.deepspeed), else ddp")
     parser.add_argument("--peak-tflops", type=float, help="GPU bf16 peak (default: this GPU's datasheet peak, else an H100's 989)")
     parser.add_argument("--utilisation", type=float, default=0.4, help="model FLOPs utilisation the time estimate assumes (default 0.4)")
     parser.add_argument("--tokens", type=int, help="tokens in one epoch of the data (default: tokenise the config's data)")

@@ -183,6 +183,18 @@ class Strategy:
         )
 
     @classmethod
+    def from_config(cls, config: Any) -> Strategy:
+        """The strategy the `distributed` section chooses, else what `train.fsdp` / `train.deepspeed` ask for."""
+        distributed = getattr(config, "distributed", None)
+        if distributed is None or distributed.strategy == "ddp":
+            return cls.from_train(config.train)
+        offload = distributed.offload_optimizer or distributed.offload_params
+        if distributed.strategy == "fsdp":
+            return cls.parse("fsdp-offload" if offload else "fsdp")
+        stage = distributed.zero_stage
+        return cls.parse(f"zero{stage}" + ("-offload" if offload and stage >= 2 else ""))
+
+    @classmethod
     def from_train(cls, train: Any) -> Strategy:
         """The strategy a `train` section asks for through `fsdp` or a `deepspeed` config dict."""
         fsdp = getattr(train, "fsdp", None) or ""

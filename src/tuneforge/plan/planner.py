@@ -44,7 +44,7 @@ DEFAULT_GPU_MEMORY_GIB = 80.0
 class PlanOptions:
     gpus: int = 1
     gpu_memory_gib: float | None = None  # None: this machine's GPU, else DEFAULT_GPU_MEMORY_GIB
-    strategy: str | None = None  # None: from train.fsdp / train.deepspeed
+    strategy: str | None = None  # None: from the distributed section (or train.fsdp / train.deepspeed)
     peak_tflops: float | None = None  # None: this GPU's datasheet peak, else an H100's
     utilisation: float = 0.4  # model FLOPs utilisation the time estimate assumes
     tokens: int | None = None  # tokens in one epoch of the training data
@@ -257,7 +257,7 @@ def plan_config(config: Config, options: PlanOptions | None = None) -> Plan:
     # Planned for a CUDA GPU; `auto` assumes Liger where it is installed here and has kernels for the model.
     model_type = getattr(model.config, "model_type", "")
     liger = config.speed.liger if config.speed.liger != "auto" else resolve_liger("auto", model_type, cuda=True)[0]
-    strategy = Strategy.parse(options.strategy) if options.strategy else Strategy.from_train(config.train)
+    strategy = Strategy.parse(options.strategy) if options.strategy else Strategy.from_config(config)
     gpu_memory, peak_tflops = _gpu_defaults(options)
     micro_batch = config.train.per_device_train_batch_size
     estimate = estimate_memory(
