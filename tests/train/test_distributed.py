@@ -307,3 +307,49 @@ def test_one_node_launches_standalone_and_several_name_the_rendezvous():
     two = torchrun_arguments("gpu", resolve_rendezvous(2, 1, "node0", 6001, {}), ["m"])
     assert two[2:10] == ["--nnodes", "2", "--node-rank", "1", "--master-addr", "node0", "--master-port", "6001"]
     assert "--max-restarts" in two and two[two.index("--max-restarts") + 1] == "0"
+
+
+def _worker_with_rank(launcher: subprocess.Popen, rank: int) -> int | None:
+    """The pid of the launched worker process holding RANK=`rank`, among the launcher's descendants."""
+    pending, seen = [launcher.pid], set()
+    while pending:
+        pid = pending.pop()
+        seen.add(pid)
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if pid != launcher.pid and f"RANK={rank}".encode() in environ:
+            return pid
+        pending += [int(child) for child in children if int(child) not in seen]
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the worker processes through /proc")
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path, tiny_model_dir):
+    import signal
+    import time
+
+    config = write_config(tmp_path, tiny_model_dir, "run", train={"max_steps": 400})
+    env = dict(os.environ, PYTHONPATH=str(Path(tuneforge.__file__).parents[1]))
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "tuneforge.cli.main", "train", str(config), "--nproc-per-node", "2"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert launcher.poll() is None and time.monotonic() < deadline, "training ended or stalled before the signal"
+        time.sleep(0.05)
+    worker = _worker_with_rank(launcher, 1)
+    assert worker is not None, "no worker process with RANK=1"
+    os.kill(worker, signal.SIGTERM)  # only rank 1 hears it: rank 0 learns through the all-reduce
+    output, _ = launcher.communicate(timeout=240)
+    assert launcher.returncode == 0, output[-3000:]
+    stopped = max(json.loads(line)["step"] for line in metrics.read_text().splitlines())
+    assert 3 <= stopped < 400
+    assert (tmp_path / "run" / f"checkpoint-{stopped}" / "trainer_state.json").is_file()
+    assert read_manifest(tmp_path / "run" / f"checkpoint-{stopped}")["world_size"] == 2
+    assert output.count(f"stopped by SIGTERM at step {stopped}") >= 1
+    assert not (tmp_path / "run" / "model").exists()
