@@ -139,3 +139,29 @@ def test_training_reports_the_speed_plan(tmp_path, tiny_model_dir, capsys):
     out = capsys.readouterr().out
     assert "Liger kernels off (no CUDA GPU" in out
     assert "activations recomputed in 1 of every 2 decoder layers (speed.activations)" in out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's kernels are Triton GPU kernels: needs a CUDA device")
+def test_liger_kernels_give_the_eager_loss_and_gradients(tiny_model_dir):
+    """PITFALLS 12: each optional kernel matches the eager path on a tiny model."""
+    pytest.importorskip("liger_kernel")
+    from transformers.integrations.liger import apply_liger_kernel
+
+    def loss_and_grads(liger: bool):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).cuda().train()
+        if liger:
+            apply_liger_kernel(model, None)  # what TrainingArguments.use_liger_kernel does
+        ids = torch.randint(3, model.config.vocab_size, (2, 48), device="cuda")
+        labels = ids.clone()
+        labels[:, :10] = -100  # a masked prompt, as in instruction data
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+    eager_loss, eager_grads = loss_and_grads(False)
+    liger_loss, liger_grads = loss_and_grads(True)
+    torch.testing.assert_close(liger_loss, eager_loss, rtol=1e-4, atol=1e-5)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(liger_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
