@@ -176,3 +176,51 @@ def test_the_saved_config_holds_every_section_and_loads_back_equal(tmp_path):
     assert list(saved)[:4] == ["model", "data", "method", "train"]
     assert set(saved) == set(Config.model_fields)
     assert load_config(saved) == config
+
+
+@pytest.mark.parametrize("quantization", ["none", "4bit", "8bit"])
+@pytest.mark.parametrize(
+    "distributed",
+    [{"strategy": "ddp"}, {"strategy": "fsdp"}]
+    + [{"strategy": "deepspeed", "zero_stage": stage} for stage in (1, 2, 3)],
+    ids=["ddp", "fsdp", "zero1", "zero2", "zero3"],
+)
+@pytest.mark.parametrize(
+    "method",
+    [{"name": "full"}, {"name": "freeze", "last_layers": 1}, {"name": "lora"}, {"name": "dpo", "adapter": {"name": "lora"}}],
+    ids=["full", "freeze", "lora", "dpo-lora"],
+)
+def test_support_matrix_of_quantization_engine_and_method(quantization, distributed, method):
+    """PITFALLS 11: every cell is decided when the config loads, and a refusal names the alternative."""
+    preference = method["name"] == "dpo"
+    config = {
+        "model": {"path": "m", "quantization": quantization},
+        "data": {"datasets": [{"path": "d.jsonl", "format": "preference" if preference else "instruction"}]},
+        "method": method,
+        "distributed": distributed,
+    }
+    adapter = method.get("adapter", method)["name"] == "lora"
+    engine = distributed["strategy"] if distributed["strategy"] != "deepspeed" else f"zero{distributed['zero_stage']}"
+    if quantization == "none":
+        assert load_config(config).distributed.engine == engine
+    elif not adapter:
+        with pytest.raises(ConfigError, match="only adapters train on quantized weights; use method.name: lora"):
+            load_config(config)
+    elif engine in ("fsdp", "zero3"):
+        with pytest.raises(ConfigError, match=f"cannot train under {engine}:.*(strategy: ddp|zero_stage: 2)"):
+            load_config(config)
+    else:
+        assert load_config(config).model.quantization == quantization
+
+
+def test_the_zero_stage_of_a_users_deepspeed_file_is_checked_too(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 3}}')
+    config = {
+        "model": {"path": "m", "quantization": "4bit"}, "data": {"datasets": [{"path": "d.jsonl"}]},
+        "method": {"name": "lora"}, "distributed": {"strategy": "deepspeed", "deepspeed_config": str(ds)},
+    }
+    with pytest.raises(ConfigError, match="cannot train under zero3"):
+        load_config(config)
+    ds.write_text('{"zero_optimization": {"stage": 2}}')
+    assert load_config(config).distributed.engine == "zero2"

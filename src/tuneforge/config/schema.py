@@ -6,6 +6,8 @@ these models (``tuneforge.config.reference``) and a test keeps the two in sync.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -625,6 +627,29 @@ class DistributedConfig(Section):
             raise ValueError("FSDP offloads parameters and optimizer together: set offload_params: true")
         return self
 
+    @property
+    def engine(self) -> str:
+        """`ddp`, `fsdp`, `zero1`..`zero3`, or `zero?` for a DeepSpeed file that cannot be read yet."""
+        if self.strategy != "deepspeed":
+            return self.strategy
+        if self.deepspeed_config is None:
+            return f"zero{self.zero_stage}"
+        try:
+            stage = json.loads(Path(self.deepspeed_config).read_text(encoding="utf-8"))["zero_optimization"]["stage"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return "zero?"
+        return f"zero{stage}"
+
+
+# Quantised base x engine cells that fail (PITFALLS 11), each with the supported alternative.
+QUANTIZED_ENGINE_PROBLEMS = {
+    "fsdp": "FSDP2 would shard bitsandbytes' packed weights, which needs a quant-storage setup tuneforge "
+    "does not make; use distributed.strategy: ddp (every GPU holds the small quantized base) or "
+    "deepspeed with zero_stage: 2",
+    "zero3": "ZeRO-3 partitions the weights bitsandbytes has packed; use distributed.zero_stage: 2 "
+    "(or strategy: ddp)",
+}
+
 EVAL_TASK_FORMATS = {
     "loss": ("instruction", "chat", "multiple_choice", "text"),
     "multiple_choice": ("multiple_choice",),
@@ -716,6 +741,9 @@ class Config(Section):
                 f"a {self.model.quantization} quantized base cannot be trained with method "
                 f"'{self.method.name}': only adapters train on quantized weights; use method.name: lora"
             )
+        engine_problem = QUANTIZED_ENGINE_PROBLEMS.get(self.distributed.engine)
+        if self.model.quantization != "none" and engine_problem:
+            raise ValueError(f"a {self.model.quantization} quantized base cannot train under {self.distributed.engine}: {engine_problem}")
         preference = isinstance(self.method, PreferenceMethod)
         for spec in [*self.data.datasets, *self.data.eval_datasets]:
             if preference != (spec.format in PREFERENCE_FORMATS):
