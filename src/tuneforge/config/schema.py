@@ -556,7 +556,13 @@ class GuardsConfig(Section):
         "stay as they were) up to this many times over the run; the next one stops it with an error "
         "naming the step and the batch. 0: stop at the first.",
     )
-
+    stall_minutes: float | None = Field(
+        30,
+        gt=0,
+        description="When no optimizer step finishes for this long, every process prints its threads' "
+        "Python stacks to stderr (again each period while the stall lasts), so a hang shows where "
+        "each rank is. null: off.",
+    )
 
 
 class DistributedConfig(Section):

@@ -81,6 +81,7 @@ from tuneforge.train.preference import (
 )
 from tuneforge.train.preemption import install_preemption_handlers, raise_if_preempted
 from tuneforge.train.speed import plan_speed
+from tuneforge.train.watchdog import StallWatchdog
 from tuneforge.train.run_dir import (
     check_disk_space,
     checkpoint_step,
@@ -91,6 +92,11 @@ from tuneforge.train.run_dir import (
 )
 from tuneforge.train.summary import RunResult, print_summary, write_report, write_summary
 from tuneforge.train.trainer import TuneforgeTrainer
+
+
+def _watchdog(config: Config) -> list[TrainerCallback]:
+    minutes = config.guards.stall_minutes
+    return [StallWatchdog(minutes * 60)] if minutes else []
 
 
 def _say(message: str) -> None:
@@ -368,7 +374,7 @@ def train(
     with install_preemption_handlers() as preemption:
         trainer = _build_trainer(
             config, args, model, tokenizer, datasets,
-            [metrics_logger, TrainingProgress(), preemption, *(callbacks or [])],
+            [metrics_logger, TrainingProgress(), preemption, *_watchdog(config), *(callbacks or [])],
         )
         report_after_metrics(trainer)
         check_engine(trainer, config.distributed, ranks.world_size)
