@@ -151,3 +151,20 @@ def test_an_output_directory_that_cannot_be_written_fails_before_anything_loads(
     with pytest.raises(ConfigError, match="cannot write to the run directory") as error:
         train(config(tmp_path, tiny_model_dir, max_steps=1), overrides=[f"output.dir={tmp_path / 'a_file' / 'run'}"])
     assert "output.dir=" in str(error.value)
+
+
+def test_resuming_on_changed_data_is_refused_unless_allowed(tmp_path, tiny_model_dir):
+    settings = config(tmp_path, tiny_model_dir, max_steps=2, save_strategy="steps", save_steps=2)
+    train(settings)
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    from tuneforge.train.checkpoints import read_manifest
+
+    assert len(read_manifest(checkpoint)["data_fingerprint"]) == 24
+    data = tmp_path / "train.jsonl"
+    data.write_text(data.read_text() + '{"question": "after 999", "answer": "1000"}\n')
+    longer = {**settings, "train": {**settings["train"], "max_steps": 4}}
+    with pytest.raises(ConfigError, match="the training data changed since checkpoint-2 was written") as error:
+        train(longer, overrides=["output.resume=auto"])
+    assert "output.resume_on_changed_data=true" in str(error.value)
+    result = train(longer, overrides=["output.resume=auto", "output.resume_on_changed_data=true"])
+    assert result.resumed_from == str(checkpoint) and result.global_step == 4

@@ -521,6 +521,12 @@ class OutputConfig(Section):
     samples: SamplesConfig | None = Field(
         None, description="Print generations for held-out prompts at the end of training."
     )
+    resume_on_changed_data: bool = Field(
+        False,
+        description="Allow resuming from a checkpoint written while training on other data (files, "
+        "tokenizer, template or data settings changed); the data order then differs from the "
+        "interrupted run's.",
+    )
 
 
 class SpeedConfig(Section):

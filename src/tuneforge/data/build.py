@@ -84,6 +84,9 @@ class Datasets:
     from_cache: bool = False
     packing: PackingStats | None = None
     images: ImageInputs | None = None  # a vision-language model's: the collator reads the images
+    # The cache key: data content, tokenizer, template and settings; checkpoints record it so a
+    # resume on changed data is caught (None when nothing was cached: streaming, use_cache=False).
+    fingerprint: str | None = None
 
 
 def encode_rows(
@@ -359,13 +362,17 @@ def build_datasets(
             train, evaluation, meta = cached
             stats = [DatasetStats(**s) for s in meta["datasets"]]
             packing = PackingStats(**meta["packing"]) if meta.get("packing") else None
-            return Datasets(train, evaluation, stats, template, from_cache=True, packing=packing, images=images)
+            return Datasets(
+                train, evaluation, stats, template, from_cache=True, packing=packing, images=images,
+                fingerprint=cache.key,
+            )
     if cache is not None and peers_wait:
         cache.clear_failure()
     try:
         datasets = _tokenize_all(config, tokenizer, template, seed, batch_size, images)
         datasets.images = images
         if cache is not None:
+            datasets.fingerprint = cache.key
             meta = {
                 "datasets": [vars(s) for s in datasets.stats],
                 "packing": vars(datasets.packing) if datasets.packing else None,

@@ -84,6 +84,7 @@ from tuneforge.train.speed import plan_speed
 from tuneforge.train.watchdog import StallWatchdog
 from tuneforge.train.run_dir import (
     check_disk_space,
+    check_resume_data,
     checkpoint_step,
     find_resume_checkpoint,
     prepare_run_dir,
@@ -361,6 +362,8 @@ def train(
         )
     _log_data(datasets)
     _check_data(config, datasets)
+    if resume is not None:
+        check_resume_data(resume, datasets.fingerprint, config.output.resume_on_changed_data)
 
     model, counts, base_dir, model_class = _setup_model(config, args, tokenizer, run_dir, datasets.images)
     metrics_path = run_dir / "metrics.jsonl"
@@ -378,7 +381,9 @@ def train(
         )
         report_after_metrics(trainer)
         check_engine(trainer, config.distributed, ranks.world_size)
-        trainer.checkpoint_layout = checkpoint_layout(config.distributed, ranks.world_size)
+        trainer.checkpoint_layout = {
+            **checkpoint_layout(config.distributed, ranks.world_size), "data_fingerprint": datasets.fingerprint,
+        }
         if config.eval.tasks:
             trainer.add_callback(EvalTasksCallback(trainer, config.eval.tasks, datasets.template))
         measured = _fit(trainer, resume, datasets.eval is not None)

@@ -19,7 +19,7 @@ from typing import Any
 from tuneforge import __version__
 from tuneforge.config.schema import OutputConfig
 from tuneforge.errors import ConfigError
-from tuneforge.train.checkpoints import find_good_checkpoint
+from tuneforge.train.checkpoints import find_good_checkpoint, read_manifest
 
 RUN_METADATA = "tuneforge.json"
 
@@ -90,6 +90,24 @@ def check_disk_space(run_dir: Path, needed: int) -> None:
         )
 
 
+def check_resume_data(checkpoint: str, fingerprint: str | None, allowed: bool) -> None:
+    """Refuse to resume on other data than the checkpoint was trained on (PITFALLS 13): the data
+    order, the position in it and the examples themselves would silently differ.
+
+    Raises:
+        ConfigError: the checkpoint records another data fingerprint and `allowed` is false.
+    """
+    saved = read_manifest(checkpoint).get("data_fingerprint")
+    if allowed or saved is None or fingerprint is None or saved == fingerprint:
+        return
+    raise ConfigError(
+        f"the training data changed since {Path(checkpoint).name} was written (data fingerprint "
+        f"{saved} then, {fingerprint} now: files, tokenizer, template or data settings differ)",
+        where=f"output.resume ({checkpoint})",
+        hint="restore the data, or continue on the new data with output.resume_on_changed_data=true",
+    )
+
+
 def checkpoint_step(checkpoint: str) -> int:
     return int(Path(checkpoint).name.rsplit("-", 1)[-1])
 
@@ -120,6 +138,7 @@ def read_run_metadata(model_dir: Path) -> dict[str, Any]:
 __all__ = [
     "RUN_METADATA",
     "check_disk_space",
+    "check_resume_data",
     "checkpoint_step",
     "find_resume_checkpoint",
     "prepare_run_dir",
