@@ -184,9 +184,11 @@ def test_preprocessing_longer_than_the_collective_timeout_still_finishes(tmp_pat
         "        time.sleep(seconds)  # a slow tokenisation on the rank that fills the cache\n"
         "    return [{'question': f'after {n}', 'answer': str(n + 1)} for n in range(32)]\n"
     )
-    config = write_config(tmp_path, tiny_model_dir, "run", distributed={"timeout_minutes": 0.1})
+    # 12 s: long enough for the ordinary gaps between collectives on a loaded 2-core machine (6 s
+    # was not, in CI), shorter than rank 0's preprocessing (15 s of sleep, read twice: key and rows).
+    config = write_config(tmp_path, tiny_model_dir, "run", distributed={"timeout_minutes": 0.2})
     settings = yaml.safe_load(config.read_text())
-    settings["data"]["datasets"][0] = {"source": {"_target_": "slow_rows.load_rows", "seconds": 8},
+    settings["data"]["datasets"][0] = {"source": {"_target_": "slow_rows.load_rows", "seconds": 15},
                                        "prompt_fields": ["question"], "response_field": "answer"}
     settings["data"]["cache_dir"] = str(tmp_path / "cache")
     config.write_text(yaml.safe_dump(settings))
