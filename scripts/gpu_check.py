@@ -21,27 +21,11 @@ import yaml
 
 # The benchmark's model shapes (Llama-3.1-8B, Llama-3.2-1B, and a tiny one for CPU checks).
 from tuneforge.bench.cases import SHAPES
+from tuneforge.train import family_matrix
 
 
 def build_tokenizer(corpus: list[str], directory: Path) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=8000, special_tokens=["<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tokenizer.train_from_iterator(corpus, trainer=trainer)
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
-    )
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>").save_pretrained(
-        str(directory)
-    )
-    return directory
+    return family_matrix.build_tokenizer(directory, vocab_size=8000, corpus=corpus)
 
 
 def build_model_dir(shape: str, tokenizer_dir: Path, directory: Path) -> Path:
