@@ -69,7 +69,7 @@ from tuneforge.train.distributed import (
     checkpoint_layout,
     engine_arguments,
     planned_engine,
-    start_process_group,
+    process_group,
     use_full_state_dict,
     verify_export,
 )
@@ -333,8 +333,12 @@ def train(
     config = load_config(config, overrides)
     preflight(config.model)  # before anything is written or loaded
     ranks = Ranks.from_env()
+    with process_group(config.distributed, ranks):
+        return _train(config, ranks, callbacks)
+
+
+def _train(config: Config, ranks: Ranks, callbacks: list[TrainerCallback] | None) -> RunResult:
     run_dir = Path(config.output.dir)  # type: ignore[arg-type]
-    start_process_group(config.distributed, ranks)
     args = _build_training_arguments(config, run_dir)
     if ranks.is_main:  # one process creates, clears and writes the run directory; the others wait
         prepare_run_dir(config.output)
