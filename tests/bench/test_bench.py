@@ -78,3 +78,22 @@ def test_model_flops_per_token():
 )
 def test_kernel_classes(kernel, kind):
     assert classify(kernel) == kind
+
+
+def test_a_two_process_case_counts_every_rank_and_reports_scaling(shared_dir, tmp_path):
+    results = run_bench(BenchOptions(
+        cases=["tiny-full", "tiny-full-ddp2"], systems=["tuneforge", "hf", "unsloth"],
+        data_dir=shared_dir / "data", work=tmp_path / "work", timeout_s=300,
+    ))
+    rows = {(row["case"], row["system"]): row for row in results}
+    assert "multi-GPU cases compare with plain HF" in rows["tiny-full-ddp2", "unsloth"]["status"]
+    case = CASES["tiny-full-ddp2"]
+    for system in ("tuneforge", "hf"):
+        two, one = rows["tiny-full-ddp2", system], rows["tiny-full", system]
+        assert two["status"] == "ok", two["status"]
+        # Both processes' tokens: twice the rows of one process per step.
+        assert two["tokens"] == case.steps * case.micro_batch * case.seq * 2
+        assert two["x_one_gpu"] == pytest.approx(two["tokens_per_s"] / one["tokens_per_s"])
+        assert one.get("x_one_gpu") is None
+    # The same rows reach the same ranks in the same order under both systems.
+    assert rows["tiny-full-ddp2", "tuneforge"]["loss_first"] == pytest.approx(rows["tiny-full-ddp2", "hf"]["loss_first"], rel=1e-3)

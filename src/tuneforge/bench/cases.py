@@ -51,6 +51,14 @@ class Case:
     # tuneforge's own layout for variable-length data: padding-free packing into `seq` tokens.
     packed_micro_batch: int = 1
     description: str = ""
+    # Several processes (one per GPU), started through torchrun; micro_batch is per process.
+    nproc: int = 1
+    strategy: str = "ddp"  # ddp | fsdp | deepspeed (ZeRO-3): tuneforge's distributed.strategy
+    # The two-GPU reference figures (../shared/gpu/README.md) kept fp32 master weights under bf16
+    # autocast; the one-GPU ones trained the saved bf16 weights.
+    baseline_fp32_master: bool = False
+    # The one-process case with the same shape, for each system's scaling (x 1 GPU).
+    one_gpu_case: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,10 +75,23 @@ CASES: dict[str, Case] = {
              description="full fine-tuning, Llama-3.2-1B shape, micro-batch 4, seq 2048"),
         Case("varlen8b", "llama-8b", "lora", 8, 4096, "varlen", None, baseline_checkpointing=True,
              description="variable-length SFT: LoRA r16 8B shape, lamini_docs Q/A, question masked, 2 epochs"),
+        # Two GPUs (issue 14); tokens/s counts both GPUs' tokens, peak memory is rank 0's.
+        Case("full1b-ddp2", "llama-1b", "full", 4, 2048, "fixed", 20, nproc=2, baseline_fp32_master=True,
+             one_gpu_case="full1b", description="full fine-tuning, 1B shape, micro-batch 4, DDP on 2 GPUs"),
+        Case("lora8b-ddp2", "llama-8b", "lora", 2, 2048, "fixed", 20, baseline_checkpointing=True, nproc=2,
+             one_gpu_case="lora8b", description="LoRA r16 all-linear, 8B shape, micro-batch 2, DDP on 2 GPUs"),
+        Case("full8b-fsdp2", "llama-8b", "full", 2, 2048, "fixed", 20, baseline_checkpointing=True, nproc=2,
+             strategy="fsdp", baseline_fp32_master=True,
+             description="full fine-tuning, 8B shape, FSDP2 full shard, micro-batch 2 per GPU, 2 GPUs"),
+        Case("full8b-zero3", "llama-8b", "full", 2, 2048, "fixed", 20, baseline_checkpointing=True, nproc=2,
+             strategy="deepspeed", baseline_fp32_master=True,
+             description="full fine-tuning, 8B shape, DeepSpeed ZeRO-3, micro-batch 2 per GPU, 2 GPUs"),
         # The same cases on a tiny model: the benchmark's own test on a CPU.
         Case("tiny-lora", "tiny", "lora", 2, 128, "fixed", 6, baseline_checkpointing=True),
         Case("tiny-full", "tiny", "full", 2, 128, "fixed", 6),
         Case("tiny-varlen", "tiny", "lora", 8, 256, "varlen", None, epochs=1, baseline_checkpointing=True),
+        Case("tiny-full-ddp2", "tiny", "full", 2, 128, "fixed", 6, nproc=2, baseline_fp32_master=True,
+             one_gpu_case="tiny-full"),
     )
 }
 

@@ -3,10 +3,11 @@
     tuneforge bench --data ../shared/data --cases lora8b,full1b --systems tuneforge,hf,unsloth
 
 Each (case, system) runs in its own process (`tuneforge.bench.worker`) on shared assets
-(`cases.py`). Per case and system: tokens/s (median of the steps after warm-up; whole-run real
-tokens/s for variable-length data), the ratio to plain HF and to the best peer, peak memory,
-model FLOPs utilisation against the matmul peak measured at the start, and the loss of the
-first and last step.
+(`cases.py`), or in `case.nproc` processes under torchrun for the multi-GPU cases. Per case and
+system: tokens/s (median of the steps after warm-up; whole-run real tokens/s for variable-length
+data; all processes' tokens), the ratio to plain HF, to the best peer and, for a multi-GPU case,
+to the same system on one GPU (scaling), peak memory (rank 0), model FLOPs utilisation against
+the matmul peak measured at the start (per GPU), and the loss of the first and last step.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ class BenchOptions:
 
 def runs_on(system: str, case: Case, peers_path: str | None) -> str | None:
     """Why `system` does not run `case`, or None when it does."""
+    if case.nproc > 1 and system in ("trl", "unsloth"):
+        return "the multi-GPU cases compare with plain HF's engines"
+    if case.nproc > 1 and torch.cuda.is_available() and torch.cuda.device_count() < case.nproc:
+        return f"needs {case.nproc} GPUs, this machine has {torch.cuda.device_count()}"
     if system == "trl" and case.data != "varlen":
         return "TRL's packing is for variable-length data"
     if system == "unsloth" and peers_path is None:
@@ -70,7 +75,14 @@ def run_one(case: Case, system: str, options: BenchOptions) -> dict[str, Any]:
     environment = dict(os.environ)
     if system == "unsloth":
         environment["PYTHONPATH"] = os.pathsep.join([options.peers_path or "", environment.get("PYTHONPATH", "")])
-    command = [sys.executable, "-m", "tuneforge.bench.worker", system, str(case_path), str(options.work), str(result_path)]
+    worker = ["tuneforge.bench.worker", system, str(case_path), str(options.work), str(result_path)]
+    if case.nproc > 1:
+        from tuneforge.train.launch import resolve_rendezvous, torchrun_arguments
+
+        one_node = resolve_rendezvous(None, None, None, None, {})
+        command = [sys.executable, "-m", "torch.distributed.run", *torchrun_arguments(str(case.nproc), one_node, worker)]
+    else:
+        command = [sys.executable, "-m", *worker]
     if options.profile and system.startswith("tuneforge"):
         command.append("--profile")
     log = logs / f"{system}-{case.name}.log"
@@ -97,17 +109,23 @@ def _rate(result: dict[str, Any], case: Case) -> float | None:
 
 
 def add_ratios(results: list[dict[str, Any]], peak_tflops: float | None) -> None:
+    def rates_of(name: str) -> dict[str, float | None]:
+        # tuneforge+... variants are rows too
+        return {r["system"]: _rate(r, CASES[name]) for r in results if r["case"] == name and r["status"] == "ok"}
+
     for name in {r["case"] for r in results}:
         case = CASES[name]
-        rows = [r for r in results if r["case"] == name and r["status"] == "ok"]
-        rates = {r["system"]: _rate(r, case) for r in rows}  # tuneforge+... variants are rows too
+        rates = rates_of(name)
+        one_gpu = rates_of(case.one_gpu_case) if case.one_gpu_case else {}
         best_peer = max((rate for system, rate in rates.items() if system in ("trl", "unsloth") and rate), default=None)
-        for row in rows:
+        for row in (r for r in results if r["case"] == name and r["status"] == "ok"):
             rate = rates[row["system"]]
             row["tokens_per_s"] = rate
             row["x_hf"] = rate / rates["hf"] if rate and rates.get("hf") else None
             row["x_best_peer"] = rate / best_peer if rate and best_peer else None
-            row["mfu"] = rate * flops_per_token(case) / (peak_tflops * 1e12) if rate and peak_tflops else None
+            row["x_one_gpu"] = rate / one_gpu[row["system"]] if rate and one_gpu.get(row["system"]) else None
+            per_gpu = rate / case.nproc if rate else None
+            row["mfu"] = per_gpu * flops_per_token(case) / (peak_tflops * 1e12) if per_gpu and peak_tflops else None
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
@@ -115,14 +133,15 @@ def format_table(results: list[dict[str, Any]]) -> str:
         return pattern.format(value) if isinstance(value, (int, float)) else "—"
 
     lines = [
-        "| case | system | tokens/s | x plain HF | x best peer | peak GiB | MFU | loss first → last | status |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| case | system | tokens/s | x plain HF | x best peer | x 1 GPU | peak GiB | MFU | loss first → last | status |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in results:
         loss = f"{number(row.get('loss_first'), '{:.3f}')} → {number(row.get('loss_last'), '{:.3f}')}"
         lines.append(
             f"| {row['case']} | {row['system']} | {number(row.get('tokens_per_s'), '{:,.0f}')} | "
             f"{number(row.get('x_hf'), '{:.2f}x')} | {number(row.get('x_best_peer'), '{:.2f}x')} | "
+            f"{number(row.get('x_one_gpu'), '{:.2f}x')} | "
             f"{number(row.get('peak_gib'), '{:.1f}')} | {number(row.get('mfu'), '{:.1%}')} | {loss} | {row['status']} |"
         )
     return "\n".join(lines)

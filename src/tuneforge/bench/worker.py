@@ -10,11 +10,16 @@ Systems:
 - `trl`: TRL's `SFTTrainer` with BFD packing and padding-free batches (variable-length case).
 - `unsloth`: Unsloth's `FastLanguageModel` with its own gradient checkpointing.
 All use the same learning rate, seed, rows and `StepTimer`.
+
+A case with `nproc > 1` runs this module under torchrun (runner.py): every rank trains, rank 0
+writes the result. Plain HF then runs as people launch it: DDP, or FSDP2 full shard with
+LlamaDecoderLayer wrapping and FSDP's activation checkpointing, or DeepSpeed ZeRO-3.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -79,6 +84,7 @@ def run_tuneforge(case: Case, work: Path, callbacks: list[Any], overrides: list[
         "method": method,
         "train": arguments,
         "output": {"dir": str(work / "runs" / f"tuneforge-{case.name}"), "overwrite": True},
+        "distributed": {"strategy": case.strategy, **({"zero_stage": 3} if case.strategy == "deepspeed" else {})},
     }
     train(config, overrides=overrides, callbacks=callbacks)
 
@@ -92,10 +98,15 @@ def _peft_model(case: Case, work: Path, checkpointing: bool) -> Any:
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = torch.cuda.is_available()
+    bf16_weights = cuda and not case.baseline_fp32_master
+    # FSDP and ZeRO-3 place (and shard) the weights themselves; DDP needs each rank's own GPU.
+    placement = {} if case.strategy != "ddp" else {
+        "device_map": {"": f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda else "cpu"}
+    }
     model = AutoModelForCausalLM.from_pretrained(
-        str(work / f"weights-{case.shape}"), dtype=torch.bfloat16 if device == "cuda" else torch.float32,
-        attn_implementation="sdpa", quantization_config=quantization, device_map={"": device},
+        str(work / f"weights-{case.shape}"), dtype=torch.bfloat16 if bf16_weights else torch.float32,
+        attn_implementation="sdpa", quantization_config=quantization, **placement,
     )
     if case.method == "full":
         return model
@@ -117,13 +128,34 @@ def run_hf(case: Case, work: Path, callbacks: list[Any], overrides: list[str]) -
     tokenizer = AutoTokenizer.from_pretrained(str(work / "tokenizer"))
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     checkpointing = case.baseline_checkpointing
+    # Before the model: with ZeRO-3 the arguments make from_pretrained load straight into shards.
+    arguments = TrainingArguments(**_common_arguments(case, work, case.micro_batch, **_hf_engine(case, checkpointing)))
     model = _peft_model(case, work, checkpointing)
-    arguments = TrainingArguments(**_common_arguments(case, work, case.micro_batch, gradient_checkpointing=checkpointing))
     Trainer(
         model=model, args=arguments, train_dataset=_rows(work, case),
         data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
         callbacks=callbacks,
     ).train()
+
+
+def _hf_engine(case: Case, checkpointing: bool) -> dict[str, Any]:
+    """TrainingArguments for the case's engine, as the Hugging Face docs configure it."""
+    if case.strategy == "fsdp":
+        return {
+            "fsdp": "full_shard auto_wrap",
+            "fsdp_config": {
+                "version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                "activation_checkpointing": checkpointing,
+            },
+        }
+    if case.strategy == "deepspeed":
+        from tuneforge.config.schema import DistributedConfig
+        from tuneforge.train.distributed import deepspeed_config
+
+        # The shipped ZeRO-3 file is DeepSpeed's standard one with "auto" values.
+        return {"deepspeed": deepspeed_config(DistributedConfig(strategy="deepspeed", zero_stage=3)),
+                "gradient_checkpointing": checkpointing}
+    return {"gradient_checkpointing": checkpointing}
 
 
 def run_trl(case: Case, work: Path, callbacks: list[Any], overrides: list[str]) -> None:
@@ -191,6 +223,8 @@ def main(argv: list[str]) -> int:
 
         callbacks.append(StepProfiler(step=WARMUP_STEPS + 1))
     SYSTEMS[system](case, Path(work), callbacks, overrides)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0's timer and memory are the result
     result = {"system": label, "case": case.name, **callbacks[0].result(WARMUP_STEPS)}
     if len(callbacks) > 1:
         result["profile_seconds"] = callbacks[1].seconds_by_class
