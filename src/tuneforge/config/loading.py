@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from tuneforge.config.optimizers import check_optimizer
 from tuneforge.config.schema import Component, Config
 from tuneforge.config.secrets import redact
 from tuneforge.config.targets import resolve_target
@@ -253,6 +254,7 @@ def load_config(
             hint="docs/configuration.md lists every key with its type and default",
         ) from None
     _check_targets(config)
+    check_optimizer(config)
     return config
 
 

@@ -15,6 +15,7 @@ from typing import Any, Literal, get_args, get_origin
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from tuneforge.config.optimizers import OPTIMIZERS
 from tuneforge.config.schema import (
     Component,
     DataConfig,
@@ -111,6 +112,9 @@ def render_reference() -> str:
             lines.append(f"| `{key}` | {_type_name(field.annotation)} | {_default(field)} | {description} |")
         lines.append("")
     defaults = ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in TUNEFORGE_DEFAULTS.items())
+    optimizers = "; ".join(
+        f'`{name}` ({spec.summary}; `pip install "tuneforge[{spec.extra}]"`)' for name, spec in OPTIMIZERS.items()
+    )
     lines += [
         "## `train`",
         "",
@@ -118,7 +122,8 @@ def render_reference() -> str:
         "its own type and default (see the transformers documentation), validated when the config "
         "is loaded. tuneforge changes these defaults: " + defaults + ". "
         "`output_dir` and `resume_from_checkpoint` are not accepted here: use `output.dir` and "
-        "`output.resume`.",
+        "`output.resume`. Besides transformers' optimizer names, `optim` takes " + optimizers + ", set by "
+        "`learning_rate`, `adam_beta1`, `adam_beta2`, `adam_epsilon` and `weight_decay` (not with preference methods).",
         "",
         "## Components (`_target_`)",
         "",

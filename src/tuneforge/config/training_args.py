@@ -17,6 +17,7 @@ from pydantic import Field, TypeAdapter, create_model, field_validator
 from pydantic.errors import PydanticSchemaGenerationError
 from transformers import TrainingArguments
 
+from tuneforge.config.optimizers import OPTIMIZERS, STAND_IN
 from tuneforge.config.section import RENAMED_KEYS, Section
 
 # Owned by other sections (see RENAMED_KEYS) or set by tuneforge itself.
@@ -71,6 +72,8 @@ def _build_train_section() -> type[Section]:
         help_text = field.metadata.get("help", "") if field.metadata else ""
         fields[field.name] = (_field_type(field.type), Field(default, description=help_text))
         choices = _enum_choices(field.type)
+        if field.name == "optim":
+            choices = [*(choices or []), *OPTIMIZERS]  # tuneforge's own (config/optimizers.py)
         if choices:
             # An invalid optimizer or scheduler name fails when the config loads, not at step 0.
             validators[f"_check_{field.name}"] = _choice_validator(field.name, choices)
@@ -101,6 +104,8 @@ def to_training_arguments(section: Section, output_dir: str, **runtime: Any) -> 
     values.update(section.model_dump(exclude_unset=True))
     for key, value in runtime.items():
         values.setdefault(key, value)
+    if values.get("optim") in OPTIMIZERS:
+        values["optim"] = STAND_IN  # the Trainer gets the real one: optimizer_cls_and_kwargs
     return TrainingArguments(output_dir=output_dir, **values)
 
 

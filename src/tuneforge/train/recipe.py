@@ -18,6 +18,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from tuneforge.config.loading import dump_config, load_config
+from tuneforge.config.optimizers import optimizer_cls_and_kwargs
 from tuneforge.config.schema import (
     PREFERENCE_FORMATS,
     Config,
@@ -291,6 +292,7 @@ def _build_trainer(
             data_collator=_collator(config, args, tokenizer, datasets),
             processing_class=tokenizer,
             callbacks=callbacks,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(config.train.optim, args),
         )
     # TrainingProgress replaces transformers' bar and its printed log dicts.
     trainer.remove_callback(ProgressCallback)
