@@ -163,12 +163,38 @@ def use_full_state_dict(trainer: Any) -> None:
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
 
 
-def verify_export(model_dir: Path) -> None:
-    """Every saved tensor holds values: a ZeRO-3/FSDP save that missed the gather writes
-    placeholder tensors of size 0, or no weights at all (PITFALLS 14).
+def export_shapes(model: Any) -> dict[str, tuple[int, ...]]:
+    """The name and full shape of each tensor the final save must hold, read from the live model.
+
+    Read from metadata, without gathering: an FSDP2 parameter (a DTensor) reports its full shape
+    and a DeepSpeed ZeRO-3 one keeps it in `ds_shape`, whatever slice this rank holds. For a peft
+    model, peft's own selection and names: those its `save_pretrained` writes.
+    """
+    shapes = {
+        name: torch.empty(getattr(parameter, "ds_shape", parameter.shape), device="meta")
+        for name, parameter in model.named_parameters()
+    }
+    if hasattr(model, "peft_config"):
+        from peft import get_peft_model_state_dict
+
+        # Without the embeddings peft may add when the vocabulary grew: finding that out can ask
+        # the Hub for the base's config, and the adapter's own tensors are what a gather can break.
+        shapes = get_peft_model_state_dict(model, state_dict=shapes, save_embedding_layers=False)
+    return {name: tuple(value.shape) for name, value in shapes.items()}
+
+
+def verify_export(model_dir: Path, expected: dict[str, tuple[int, ...]] | None = None) -> None:
+    """Every saved tensor holds all its values (PITFALLS 14).
+
+    A ZeRO-3/FSDP save that missed the gather writes placeholder tensors of size 0, or no weights
+    at all; one that gathered badly writes one rank's slice (accelerate PR#4206: rank 0's part of
+    each adapter tensor), which has values but the wrong shape. `expected` (`export_shapes` of the
+    trained model) catches that: a saved tensor of another shape fails, and so does an adapter
+    tensor that is missing. A full model's file is checked only where names match, because
+    transformers may rename or split tensors on save (tied weights, converted layouts).
 
     Raises:
-        ModelError: naming the first empty tensor, or saying no weights were written.
+        ModelError: naming the first empty, partial or missing tensor, or saying no weights were written.
     """
     from safetensors import safe_open
 
@@ -179,15 +205,34 @@ def verify_export(model_dir: Path) -> None:
             where=str(model_dir),
             hint="with your own DeepSpeed ZeRO-3 config set zero_optimization.stage3_gather_16bit_weights_on_model_save: true",
         )
+    retry = "resume from the newest checkpoint and save again; report the engine and versions"
+    saved = set()
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
             for name in handle.keys():  # noqa: SIM118 -- a safe_open handle is not iterable
-                if math.prod(handle.get_slice(name).get_shape()) == 0:
+                shape = tuple(handle.get_slice(name).get_shape())
+                saved.add(name)
+                if math.prod(shape) == 0:
                     raise ModelError(
                         f"the saved tensor '{name}' in {file.name} is empty: the weights were not gathered from the shards",
                         where=str(model_dir),
-                        hint="resume from the newest checkpoint and save again; report the engine and versions",
+                        hint=retry,
                     )
+                if expected is not None and name in expected and shape != expected[name]:
+                    raise ModelError(
+                        f"the saved tensor '{name}' in {file.name} has shape {list(shape)}, the trained one "
+                        f"{list(expected[name])}: only part of it was gathered from the shards",
+                        where=str(model_dir),
+                        hint=retry,
+                    )
+    if expected is not None and (model_dir / "adapter_config.json").is_file():
+        missing = sorted(set(expected) - saved)
+        if missing:
+            raise ModelError(
+                f"the saved adapter lacks {len(missing)} trained tensors, first '{missing[0]}'",
+                where=str(model_dir),
+                hint=retry,
+            )
 
 
 def planned_engine(section: DistributedConfig, world_size: int) -> str:
@@ -241,6 +286,7 @@ __all__ = [
     "checkpoint_layout",
     "deepspeed_config",
     "engine_arguments",
+    "export_shapes",
     "planned_engine",
     "process_group",
     "use_full_state_dict",

@@ -69,6 +69,7 @@ from tuneforge.train.distributed import (
     check_resume_layout,
     checkpoint_layout,
     engine_arguments,
+    export_shapes,
     planned_engine,
     process_group,
     use_full_state_dict,
@@ -152,7 +153,7 @@ def _save_final(
     trainer.save_model(str(model_dir))  # every rank: sharded engines gather the weights to rank 0
     if not trainer.is_world_process_zero():
         return model_dir
-    verify_export(model_dir)
+    verify_export(model_dir, export_shapes(trainer.model))  # against the trained shapes: no partial gathers
     tokenizer.save_pretrained(str(model_dir))
     if datasets.images is not None:
         save_processor(model_dir, tokenizer, datasets.images, trainer.model)
