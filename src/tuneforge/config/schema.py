@@ -552,6 +552,13 @@ class SpeedConfig(Section):
         gt=0,
         description="GPU memory `activations: auto` plans for; default 90% of the GPU's memory.",
     )
+    fused_lora: bool = Field(
+        True,
+        description="LoRA linear layers add the adapter's product to the base output in one matmul "
+        "(`torch.addmm`) in the compute dtype and keep their input as it is for the backward pass; "
+        "peft's own forward copies each adapted layer's input to the adapters' fp32 and back, and "
+        "scales and adds in separate passes. Same adapter files either way. false: peft's forward.",
+    )
 
 
 class GuardsConfig(Section):

@@ -7,6 +7,7 @@ from peft import LoraConfig, get_peft_model
 
 from tuneforge.config.schema import LoraMethod
 from tuneforge.errors import MethodError
+from tuneforge.methods.fused_lora import install_fused_lora
 
 
 def _module_name(model: torch.nn.Module, module: torch.nn.Module | None) -> str | None:
@@ -55,7 +56,9 @@ def apply_lora(
     *,
     new_token_ids: list[int] | None = None,
     gradient_checkpointing: bool = False,
+    fused: bool = False,
 ) -> torch.nn.Module:
+    """Wrap `model` with peft LoRA adapters; `fused`: their forward is `install_fused_lora`'s."""
     if getattr(model, "is_quantized", False):
         # QLoRA. Not peft's prepare_model_for_kbit_training: it also casts every bf16 weight
         # (embeddings, output head, norms) to fp32, which costs 4 GiB on an 8B model and turns the
@@ -66,7 +69,7 @@ def apply_lora(
             model.enable_input_require_grads()
     try:
         tokens = trainable_token_targets(model, new_token_ids) if new_token_ids else None
-        return get_peft_model(model, build_lora_config(method, tokens))
+        model = get_peft_model(model, build_lora_config(method, tokens))
     except ValueError as exc:
         linear = sorted(
             {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -76,6 +79,9 @@ def apply_lora(
             where="method.target_modules",
             hint=f"this model's linear layers are named: {', '.join(linear)}; or use all-linear",
         ) from None
+    if fused:
+        install_fused_lora(model)
+    return model
 
 
 __all__ = ["apply_lora", "build_lora_config", "trainable_token_targets"]

@@ -41,6 +41,7 @@ def prepare_model(
     *,
     new_token_ids: list[int] | None = None,
     gradient_checkpointing: bool = False,
+    fused_lora: bool = False,
 ) -> tuple[torch.nn.Module, ParameterCounts]:
     """Apply the method and check that something will train.
 
@@ -49,6 +50,7 @@ def prepare_model(
         model: the loaded model.
         new_token_ids: ids of added tokens whose embedding rows must train.
         gradient_checkpointing: whether the Trainer will checkpoint (k-bit preparation needs it).
+        fused_lora: LoRA adapters use the fused forward (`speed.fused_lora`, methods/fused_lora.py).
 
     Raises:
         MethodError: the method leaves no trainable parameter.
@@ -61,7 +63,7 @@ def prepare_model(
             model.get_input_embeddings().weight.requires_grad_(True)
     else:
         model = apply_lora(
-            method, model, new_token_ids=new_token_ids, gradient_checkpointing=gradient_checkpointing
+            method, model, new_token_ids=new_token_ids, gradient_checkpointing=gradient_checkpointing, fused=fused_lora
         )
     if not isinstance(method, LoraMethod) and method.qat is not None:
         model = prepare_qat(model, method.qat)

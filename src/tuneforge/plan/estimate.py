@@ -286,9 +286,10 @@ def _saved_per_token(
     (and, without Liger's fused SwiGLU, the activation between them). Without Liger's RMSNorm a
     16-bit norm also keeps its fp32 input (twice the bytes).
     Linear inputs (norm outputs, the attention output's copy, the MLP activation): kept once when
-    the base weights train, or when adapters read them as they are (4-bit base). LoRA on a 16-bit
-    base instead keeps one copy per adapted linear: peft casts the input to the adapters' fp32,
-    autocast back to bf16, and that copy is what the adapter's matmul saves.
+    the base weights train, or when adapters read them as they are (4-bit base, or tuneforge's
+    fused LoRA forward). peft's LoRA forward on a 16-bit base instead keeps one copy per adapted
+    linear: it casts the input to the adapters' fp32, autocast back to bf16, and that copy is what
+    the adapter's matmul saves.
     """
     h, q, kv, ffn = shape.hidden, shape.q_width, shape.kv_width, shape.ffn
     norms = 2 * h if liger else 2 * h * (2 if compute_16bit else 1)
@@ -299,13 +300,20 @@ def _saved_per_token(
         for p in m.parameters(recurse=False)
     )
     adapters = _lora_modules(layer)
-    if base_trains or (adapters and quantized):
+    if base_trains or (adapters and (quantized or all(_reads_input_as_is(m) for m in adapters))):
         saved += linear_inputs
     elif adapters:
         saved += sum(m.base_layer.in_features for m in adapters if hasattr(m.base_layer, "in_features"))
     # Each adapter's low-rank activation, input of its second matmul.
     saved += sum(a.out_features for m in adapters for a in m.lora_A.values())
     return saved
+
+
+def _reads_input_as_is(module: torch.nn.Module) -> bool:
+    """The LoRA layer's adapters run tuneforge's fused forward (methods/fused_lora.py)."""
+    from tuneforge.methods.fused_lora import FusedLora
+
+    return all(isinstance(module.lora_variant.get(name), FusedLora) for name in module.lora_A)
 
 
 def _is_quantized_weight(model: torch.nn.Module, module: torch.nn.Module, name: str) -> bool:

@@ -159,7 +159,7 @@ def build_meta_model(config: Config, method: Any = None) -> torch.nn.Module:
     method = method or config.method
     if not isinstance(method, LoraMethod) and method.qat is not None:
         method = method.model_copy(update={"qat": None})  # fake quantization changes no stored byte
-    model, _ = prepare_model(method, model)
+    model, _ = prepare_model(method, model, fused_lora=config.speed.fused_lora)
     return model
 
 

@@ -251,7 +251,8 @@ def _setup_model(
             model.save_pretrained(str(base_dir))
             tokenizer.save_pretrained(str(base_dir))
     model, counts = prepare_model(
-        method, model, new_token_ids=new_token_ids, gradient_checkpointing=bool(args.gradient_checkpointing)
+        method, model, new_token_ids=new_token_ids, gradient_checkpointing=bool(args.gradient_checkpointing),
+        fused_lora=config.speed.fused_lora,
     )
     plan = plan_speed(
         config.speed, config.train, model,

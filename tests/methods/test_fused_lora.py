@@ -1,0 +1,166 @@
+"""The fused LoRA forward (methods/fused_lora.py) against peft's own: same outputs, same gradients,
+fewer saved bytes, plain-LoRA merging, and the same training run through the config switch."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+
+from tuneforge.methods.fused_lora import FusedLora, install_fused_lora
+from tuneforge.plan.estimate import estimate_memory
+from tests.conftest import successor_rows, write_jsonl
+from tuneforge.train import train
+
+TOKENS = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def _lora_model(dtype: torch.dtype = torch.float32, **lora) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )
+    model = LlamaForCausalLM(config).to(dtype)
+    # init_lora_weights=False: B is random too, so the adapters change the output from step 0.
+    settings = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "init_lora_weights": False, **lora}
+    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **settings))
+
+
+def _loss_and_grads(model: torch.nn.Module, autocast: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    embeddings = model.get_input_embeddings()(TOKENS).detach().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(inputs_embeds=embeddings, labels=TOKENS).loss
+    loss.backward()
+    grads = {name: p.grad.float() for name, p in model.named_parameters() if p.requires_grad}
+    return loss.detach().float(), grads, embeddings.grad.float()
+
+
+def test_fp32_outputs_and_gradients_equal_peft():
+    peft_model = _lora_model()
+    fused_model = copy.deepcopy(peft_model)
+    assert install_fused_lora(fused_model) == 2 * 7  # every adapted linear of both layers
+    peft_loss, peft_grads, peft_input_grad = _loss_and_grads(peft_model)
+    fused_loss, fused_grads, fused_input_grad = _loss_and_grads(fused_model)
+    assert fused_loss == pytest.approx(peft_loss.item(), rel=1e-6)
+    assert set(fused_grads) == set(peft_grads) and len(fused_grads) == 2 * 7 * 2
+    for name, grad in peft_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(fused_input_grad, peft_input_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_base_with_fp32_adapters_matches_peft_under_autocast_and_keeps_adapter_dtypes():
+    peft_model = _lora_model(torch.bfloat16, r=8)
+    # peft keeps the adapters in fp32 over a bf16 base (autocast_adapter_dtype): the case that copies.
+    assert {p.dtype for n, p in peft_model.named_parameters() if "lora_" in n} == {torch.float32}
+    fused_model = copy.deepcopy(peft_model)
+    install_fused_lora(fused_model)
+    peft_loss, peft_grads, _ = _loss_and_grads(peft_model, autocast=True)
+    fused_loss, fused_grads, _ = _loss_and_grads(fused_model, autocast=True)
+    assert fused_loss == pytest.approx(peft_loss.item(), rel=1e-2)
+    for name, grad in peft_grads.items():
+        fused = fused_grads[name]
+        assert fused.dtype == grad.dtype
+        cosine = torch.nn.functional.cosine_similarity(fused.flatten(), grad.flatten(), dim=0)
+        assert cosine > 0.999, (name, cosine)
+
+
+def _saved_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward pass of one forward."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    embeddings = model.get_input_embeddings()(TOKENS).detach().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(inputs_embeds=embeddings, labels=TOKENS)
+    return sum(storages.values())
+
+
+def test_fused_forward_keeps_no_copies_of_layer_inputs():
+    peft_model = _lora_model(torch.bfloat16)
+    fused_model = copy.deepcopy(peft_model)
+    install_fused_lora(fused_model)
+    peft_bytes, fused_bytes = _saved_bytes(peft_model), _saved_bytes(fused_model)
+    # peft keeps a bf16 copy of the input per adapted linear (7 per layer, hidden 64 or 160 wide);
+    # reading q/k/v and gate/up inputs as they are saves at least the 3 extra copies per layer.
+    tokens = TOKENS.numel()
+    assert peft_bytes - fused_bytes >= 2 * 3 * tokens * 64 * 2, (peft_bytes, fused_bytes)
+    # The planner's estimate sees the same: fewer bytes per layer with the fused forward.
+    assert estimate_memory(fused_model, tokens, liger=False).per_layer < estimate_memory(peft_model, tokens, liger=False).per_layer
+
+
+def test_merging_a_fused_adapter_is_plain_lora_merging():
+    model = _lora_model()
+    install_fused_lora(model)
+    with torch.no_grad():
+        adapter_logits = model(input_ids=TOKENS).logits
+        base_weight = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.clone()
+        model.merge_adapter()
+        merged_logits = model(input_ids=TOKENS).logits
+        model.unmerge_adapter()
+        torch.testing.assert_close(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight, base_weight)
+        merged = model.merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=TOKENS).logits, adapter_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(merged_logits, adapter_logits, rtol=1e-4, atol=1e-5)
+
+
+def test_dora_adapters_keep_their_own_forward():
+    model = _lora_model(use_dora=True)
+    assert install_fused_lora(model) == 0
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert not isinstance(q_proj.lora_variant["default"], FusedLora)
+    assert getattr(q_proj, "cast_input_dtype_enabled", True)
+
+
+def test_a_deepspeed_partitioned_adapter_runs_through_its_modules():
+    """ZeRO-3 gathers a weight when its module runs, so a partitioned adapter is not read directly."""
+    model = _lora_model()
+    with torch.no_grad():
+        expected = model(input_ids=TOKENS).logits
+    install_fused_lora(model)
+    calls = []
+    for module in model.modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            module.lora_A["default"].weight.ds_id = 1  # what DeepSpeed marks its parameters with
+            module.lora_A["default"].register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=TOKENS).logits, expected, rtol=1e-5, atol=1e-6)
+    assert len(calls) == 2 * 7
+
+
+class _FusedCount(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.fused = sum(isinstance(m.lora_variant.get("default"), FusedLora) for m in model.modules() if hasattr(m, "lora_variant"))
+
+
+def test_the_config_switch_trains_the_same_run(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "successor.jsonl", successor_rows(24))
+    losses, fused_layers = {}, {}
+    for fused in (True, False):
+        counter = _FusedCount()
+        config = {
+            "model": {"path": str(tiny_model_dir)},
+            "data": {"datasets": [{"path": str(data), "prompt_fields": ["question"], "response_field": "answer"}],
+                     "max_length": 64},
+            "method": {"name": "lora", "r": 8, "lora_alpha": 16},
+            "train": {"max_steps": 6, "per_device_train_batch_size": 4, "learning_rate": 5e-3, "logging_steps": 1,
+                      "save_strategy": "no", "use_cpu": True, "report_to": [], "seed": 0},
+            "output": {"dir": str(tmp_path / f"run-{fused}"), "overwrite": True},
+            "speed": {"fused_lora": fused},
+        }
+        result = train(config, callbacks=[counter])
+        lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
+        losses[fused] = [json.loads(line)["loss"] for line in lines if '"loss"' in line]
+        fused_layers[fused] = counter.fused
+    assert fused_layers[False] == 0 and fused_layers[True] > 0
+    assert len(losses[True]) == 6 and losses[True][-1] < losses[True][0]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
