@@ -32,9 +32,11 @@ def _lora_model(dtype: torch.dtype = torch.float32, **lora) -> torch.nn.Module:
 
 
 def _loss_and_grads(model: torch.nn.Module, autocast: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-    embeddings = model.get_input_embeddings()(TOKENS).detach().requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss = model(inputs_embeds=embeddings, labels=TOKENS).loss
+    device = next(model.parameters()).device
+    tokens = TOKENS.to(device)
+    embeddings = model.get_input_embeddings()(tokens).detach().requires_grad_(True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        loss = model(inputs_embeds=embeddings, labels=tokens).loss
     loss.backward()
     grads = {name: p.grad.float() for name, p in model.named_parameters() if p.requires_grad}
     return loss.detach().float(), grads, embeddings.grad.float()
@@ -53,8 +55,18 @@ def test_fp32_outputs_and_gradients_equal_peft():
     torch.testing.assert_close(fused_input_grad, peft_input_grad, rtol=1e-5, atol=1e-6)
 
 
-def test_bf16_base_with_fp32_adapters_matches_peft_under_autocast_and_keeps_adapter_dtypes():
-    peft_model = _lora_model(torch.bfloat16, r=8)
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param("cuda", marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA matmul path needs a CUDA device"),
+        ]),
+    ],
+)
+def test_bf16_base_with_fp32_adapters_matches_peft_under_autocast_and_keeps_adapter_dtypes(device):
+    peft_model = _lora_model(torch.bfloat16, r=8).to(device)
     # peft keeps the adapters in fp32 over a bf16 base (autocast_adapter_dtype): the case that copies.
     assert {p.dtype for n, p in peft_model.named_parameters() if "lora_" in n} == {torch.float32}
     fused_model = copy.deepcopy(peft_model)

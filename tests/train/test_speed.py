@@ -16,7 +16,8 @@ from tests.train.test_recipe import config as recipe_config
 from tuneforge.config.schema import SpeedConfig
 from tuneforge.config.training_args import TrainSection
 from tuneforge.errors import ConfigError
-from tuneforge.plan.estimate import GIB, MemoryEstimate
+from tuneforge.plan.estimate import GIB, MemoryEstimate, Strategy
+from tuneforge.plan.planner import check_before_training
 from tuneforge.train import speed, train
 from tuneforge.train.speed import (
     SpeedPlan,
@@ -84,6 +85,22 @@ def test_on_cpu_the_plan_follows_train_gradient_checkpointing(tiny_model_dir):
         SpeedConfig(), TrainSection(gradient_checkpointing=True), model, tokens_per_micro_batch=64, device="cpu"
     )
     assert plan.activations == "recompute" and "train.gradient_checkpointing" in plan.describe()
+
+
+def test_the_plan_estimates_per_gpu_memory_as_the_engine_shards_it(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    model.requires_grad_(True)
+    whole = plan_speed(SpeedConfig(), TrainSection(), model, tokens_per_micro_batch=64, device="cpu").estimate
+    fsdp = plan_speed(
+        SpeedConfig(), TrainSection(), model, tokens_per_micro_batch=64, device="cpu", sharding=(Strategy.parse("fsdp"), 2)
+    ).estimate
+    # Full sharding on 2 GPUs: half the weights, gradients and optimizer state; activations unchanged.
+    assert fsdp.optimizer == whole.optimizer // 2 and fsdp.gradients == whole.gradients // 2
+    assert fsdp.weights == whole.weights // 2 and fsdp.per_layer == whole.per_layer
+    assert fsdp.total() < whole.total()
+    assert "memory plan: about" in check_before_training(
+        plan_speed(SpeedConfig(), TrainSection(), model, tokens_per_micro_batch=64, device="cpu"), "cpu"
+    )
 
 
 class LayerCalls(TrainerCallback):

@@ -283,18 +283,12 @@ def plan_config(config: Config, options: PlanOptions | None = None) -> Plan:
     return plan
 
 
-def check_before_training(model: torch.nn.Module, train: Any, speed_plan: Any, tokens: int, device: Any) -> str:
-    """One line on the loaded model's predicted peak; on a GPU it would not fit, a warning first.
-
-    `speed_plan` is the resolved `SpeedPlan` (its activation placement is what runs).
+def check_before_training(speed_plan: Any, device: Any) -> str:
+    """One line on the predicted peak of the model as `speed_plan` (the resolved `SpeedPlan`:
+    its estimate and activation placement) trains it; where it would not fit a GPU, a warning first.
     """
-    quantization = "4bit" if getattr(model, "is_loaded_in_4bit", False) else "8bit" if getattr(model, "is_loaded_in_8bit", False) else "none"
-    try:
-        estimate = estimate_memory(
-            model, tokens, liger=speed_plan.liger, quantization=quantization, compute_16bit=computes_in_16bit(model, train),
-            optim=str(getattr(train, "optim", "adamw_torch")), gradient_accumulation=getattr(train, "gradient_accumulation_steps", 1),
-        )
-    except ConfigError:
+    estimate = speed_plan.estimate
+    if estimate is None:
         return "memory plan: not available (the model's config names no transformer shape)"
     every = 0 if speed_plan.activations == "keep" else speed_plan.recompute_every
     peak = estimate.total(every, speed_plan.activations == "offload")

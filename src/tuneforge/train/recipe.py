@@ -58,7 +58,7 @@ from tuneforge.models.vlm import (
     save_processor,
     vlm_method,
 )
-from tuneforge.plan.estimate import matmul_peak_tflops, model_flops_per_token
+from tuneforge.plan.estimate import Strategy, matmul_peak_tflops, model_flops_per_token
 from tuneforge.plan.planner import check_before_training
 from tuneforge.train.callbacks import MetricsLogger, TrainingProgress, report_after_metrics
 from tuneforge.train.checkpoints import estimate_save_bytes
@@ -257,10 +257,11 @@ def _setup_model(
     plan = plan_speed(
         config.speed, config.train, model,
         tokens_per_micro_batch=args.per_device_train_batch_size * config.data.max_length, device=args.device,
+        sharding=(Strategy.from_config(config), Ranks.from_env().world_size),
     )
     plan.apply(args)
     _say(plan.describe())
-    _say(check_before_training(model, config.train, plan, args.per_device_train_batch_size * config.data.max_length, args.device))
+    _say(check_before_training(plan, args.device))
     _attach_input_grads_for_checkpointing(model, args)
     _say(f"method {config.method.name}: {counts.describe()}")
     per_save = estimate_save_bytes(model, save_only_model=bool(args.save_only_model))

@@ -25,6 +25,7 @@ from tuneforge.plan.estimate import (
     CONTEXT_BYTES,
     GIB,
     MemoryEstimate,
+    Strategy,
     computes_in_16bit,
     estimate_memory,
 )
@@ -70,6 +71,9 @@ class SpeedPlan:
     reason: str = ""
     estimate_gib: float | None = None
     checkpoint_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Per-GPU memory estimate of the model as it trains (sharded as the run shards it); None
+    # when the model's config names no transformer shape.
+    estimate: MemoryEstimate | None = None
 
     def apply(self, args: Any) -> None:
         """Set the TrainingArguments fields this plan decides."""
@@ -120,14 +124,25 @@ def plan_speed(
     *,
     tokens_per_micro_batch: int,
     device: torch.device | str,
+    sharding: tuple[Strategy, int] = (Strategy(), 1),
 ) -> SpeedPlan:
-    """Resolve `speed` for the loaded (and method-prepared) model on `device`."""
+    """Resolve `speed` for the loaded (and method-prepared) model on `device`; `sharding` is
+    the engine and process count sharing the training state (the estimate is per GPU)."""
     cuda = torch.device(device).type == "cuda"
     model_type = getattr(getattr(model, "config", None), "model_type", "")
     liger, liger_reason = resolve_liger(speed.liger, model_type, cuda)
     explicit_checkpointing = "gradient_checkpointing" in train.model_fields_set
     user_kwargs = dict(train.gradient_checkpointing_kwargs or {}) if hasattr(train, "gradient_checkpointing_kwargs") else {}
     plan = SpeedPlan(liger, liger_reason, "keep", checkpoint_kwargs=user_kwargs)
+    try:
+        plan.estimate = estimate_memory(
+            model, tokens_per_micro_batch, liger=liger, compute_16bit=computes_in_16bit(model, train),
+            optim=str(getattr(train, "optim", "adamw_torch")),
+            gradient_accumulation=getattr(train, "gradient_accumulation_steps", 1),
+        ).sharded(*sharding)
+    except ConfigError:
+        if speed.activations == "auto" and cuda and not explicit_checkpointing:
+            raise  # auto has nothing to decide with: the error says to choose a placement
     if speed.activations != "auto":
         plan.activations, plan.recompute_every, plan.reason = speed.activations, speed.recompute_every, "speed.activations"
         return plan
@@ -140,11 +155,7 @@ def plan_speed(
         if speed.memory_budget_gib is not None
         else int(0.9 * torch.cuda.get_device_properties(torch.device(device)).total_memory)
     )
-    estimate = estimate_memory(
-        model, tokens_per_micro_batch, liger=liger, compute_16bit=computes_in_16bit(model, train), optim=str(getattr(train, "optim", "adamw_torch")),
-        gradient_accumulation=getattr(train, "gradient_accumulation_steps", 1),
-    )
-    plan.activations, plan.recompute_every, reason, plan.estimate_gib = plan_activations(estimate, budget)
+    plan.activations, plan.recompute_every, reason, plan.estimate_gib = plan_activations(plan.estimate, budget)
     plan.reason = f"{reason} in {budget / GIB:.1f} GiB"
     return plan
 
