@@ -12,6 +12,7 @@ import pytest
 from tests.infer.test_generation import run_config
 from tuneforge.cli.main import main
 from tuneforge.data.templates import render
+from tuneforge.errors import ModelError
 from tuneforge.infer import load_for_inference
 from tuneforge.infer.chat import ChatSession
 from tuneforge.train import train
@@ -63,3 +64,37 @@ def test_a_system_prompt_leads_the_history_and_survives_reset(run):
     assert session.prompt_text().startswith("<s>Answer in digits.\n\n### Question:\nafter 3")
     session.reset()
     assert session.messages == [{"role": "system", "content": "Answer in digits."}]
+
+
+def test_history_beyond_the_context_window_drops_the_oldest_exchanges(run):
+    loaded = load_for_inference(str(run))
+    context = loaded.model.config.max_position_embeddings
+    reply_room = context - 40  # 40 tokens of prompt: about two exchanges of this data
+    session = ChatSession(loaded, system_prompt="Answer in digits.", max_new_tokens=reply_room)
+    for n in range(3, 9):
+        session.ask(f"after {n}")
+        assert len(session._prompt_ids(session.messages)) <= context - reply_room
+        session.messages.append({"role": "assistant", "content": str(n + 1)})
+    users = [m["content"] for m in session.messages if m["role"] == "user"]
+    assert session.messages[0] == {"role": "system", "content": "Answer in digits."}  # the system prompt stays
+    assert users[-1] == "after 8" and "after 3" not in users and len(users) < 6  # oldest first to go
+    assert session.dropped_turns >= 1
+    # Kept exchanges are whole: each user turn is followed by its reply.
+    roles = [m["role"] for m in session.messages[1:]]
+    assert roles == ["user", "assistant"] * (len(roles) // 2)
+
+
+def test_a_message_longer_than_the_context_is_refused_and_the_chat_goes_on(run, monkeypatch, capsys):
+    loaded = load_for_inference(str(run))
+    context = loaded.model.config.max_position_embeddings
+    session = ChatSession(loaded, max_new_tokens=4)
+    session.send("after 3")
+    before = list(session.messages)
+    with pytest.raises(ModelError, match=f"the model's context holds {context}") as error:
+        session.ask("after " * context)
+    assert "lower --max-new-tokens" in error.value.hint
+    assert session.messages == before  # the conversation is as it was
+    monkeypatch.setattr(sys, "stdin", io.StringIO("after " * context + "\nafter 4\n"))
+    assert main(["chat", str(run), "--max-new-tokens", "4", "--no-stream"]) == 0
+    captured = capsys.readouterr()
+    assert "the model's context holds" in captured.err and len(captured.out.strip().splitlines()) == 1

@@ -6,7 +6,9 @@
 
 Each turn renders the whole history with the run's template (`data/templates.py`, the code
 that formats training conversations) and the generation prompt, so the model sees earlier
-turns as it saw them in multi-turn training data.
+turns as it saw them in multi-turn training data. When the history and the reply would not fit
+the model's context window, the oldest exchanges are dropped (the system prompt stays, and with
+images the first exchange, which carries them).
 """
 
 from __future__ import annotations
@@ -52,18 +54,69 @@ class ChatSession:
         self.system_prompt = system_prompt if system_prompt is not None else loaded.system_prompt
         self.options = options
         self.messages: list[Message] = []
+        self.dropped_turns = 0  # oldest exchanges the last `ask` dropped to fit the context window
         self.reset()
+
+    @property
+    def context_length(self) -> int | None:
+        """Tokens the model attends over (its config's `max_position_embeddings`), if it says."""
+        config = getattr(self.loaded.model, "config", None)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return getattr(text, "max_position_embeddings", None)
+
+    def _prompt_ids(self, messages: list[Message]) -> list[int]:
+        """`messages` encoded as training encodes them, image placeholders expanded."""
+        ids = encode_generation_prompt(self.loaded.tokenizer, self.template, messages)
+        return expand_prompt(ids, self.loaded.images) if self.images and self.loaded.images else ids
+
+    def _fit_history(self) -> None:
+        """Drop the oldest exchanges until the prompt plus `max_new_tokens` fit the context window.
+
+        Raises:
+            ModelError: the newest message alone does not fit.
+        """
+        prompt_ids = self._prompt_ids(self.messages)
+        limit = self.context_length
+        self.dropped_turns = 0
+        if limit is None:
+            return
+        budget = limit - int(self.options.get("max_new_tokens", 64))
+        if len(prompt_ids) <= budget:
+            return
+        head = 1 if self.messages[0]["role"] == "system" else 0
+        users = [i for i, message in enumerate(self.messages) if message["role"] == "user" and i >= head]
+        # The system prompt, the exchange carrying the images (if any) and the new message always stay.
+        protected = users[1] if self.images and len(users) > 1 else head
+        shortest = self._prompt_ids(self.messages[:protected] + self.messages[-1:])
+        if len(shortest) > budget:
+            self.messages.pop()  # the conversation stays as it was before this message
+            raise ModelError(
+                f"the message needs {len(shortest)} prompt tokens and the reply up to {limit - budget}; "
+                f"the model's context holds {limit}",
+                where="chat",
+                hint="send a shorter message, or lower --max-new-tokens",
+            )
+        dropped = 0
+        while len(prompt_ids) > budget:
+            # The oldest unprotected user turn and its replies, up to the next user turn.
+            following = next(i for i in range(protected + 1, len(self.messages)) if self.messages[i]["role"] == "user")
+            del self.messages[protected:following]
+            dropped += 1
+            prompt_ids = self._prompt_ids(self.messages)
+        self.dropped_turns = dropped
 
     def reset(self) -> None:
         """Forget every turn; keep the system prompt."""
         self.messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
 
     def ask(self, text: str) -> None:
-        """Add a user turn (the next `respond` answers it); the first one carries the images."""
+        """Add a user turn (the next `respond` answers it); the first one carries the images.
+        Older exchanges that no longer fit the context window with it are dropped."""
         if self.images and not any(message["role"] == "user" for message in self.messages):
             assert self.loaded.images is not None  # checked in __init__
             text = prompt_with_images(text, len(self.images), self.loaded.images.image_token)
         self.messages.append({"role": "user", "content": text})
+        self._fit_history()
 
     def prompt_text(self) -> str:
         """The history as the model will read it, ending with the assistant header."""
@@ -72,11 +125,10 @@ class ChatSession:
     def respond(self, streamer: Any = None) -> str:
         """Generate the assistant's reply to the history and add it to the history."""
         tokenizer = self.loaded.tokenizer
-        prompt_ids = encode_generation_prompt(tokenizer, self.template, self.messages)
+        prompt_ids = self._prompt_ids(self.messages)  # as in training and `generate`
         options = dict(self.options)
         if self.images:
             assert self.loaded.images is not None  # checked in __init__
-            prompt_ids = expand_prompt(prompt_ids, self.loaded.images)  # as in training and `generate`
             options["pixel_values"] = [pixel_values(self.loaded.images.processor, self.images)]
         (reply,) = generate_texts(
             self.loaded.model, tokenizer, [prompt_ids],
@@ -129,13 +181,20 @@ def run_chat(session: ChatSession, *, interactive: bool, stream: bool, show_prom
             session.reset()
             print("(history cleared)", flush=True)
             continue
-        session.ask(text)
+        try:
+            session.ask(text)
+        except ModelError as error:  # a message too long for the context: say so, keep chatting
+            print(f"tuneforge: {error}", file=sys.stderr, flush=True)
+            continue
         if show_prompt:
             print(f"[prompt]\n{session.prompt_text()}\n[/prompt]", flush=True)
         if stream:
             session.respond(TextStreamer(session.loaded.tokenizer, skip_prompt=True, skip_special_tokens=True))
         else:
             print(session.respond(), flush=True)
+        if session.dropped_turns:
+            print(f"(dropped the {session.dropped_turns} oldest exchange(s) to fit the model's context of "
+                  f"{session.context_length} tokens)", file=sys.stderr, flush=True)
         replies += 1
     return replies
 
