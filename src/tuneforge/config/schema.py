@@ -576,6 +576,29 @@ class GuardsConfig(Section):
         "Python stacks to stderr (again each period while the stall lasts), so a hang shows where "
         "each rank is. null: off.",
     )
+    spike_factor: float | None = Field(
+        None,
+        gt=1,
+        description="Roll back after a loss spike: when a step's loss is more than this many times the median "
+        "of the last `spike_window` step losses, the newest complete checkpoint's weights (or adapter) and "
+        "optimizer state are restored and training goes on with the next batches, skipping the ones since that "
+        "checkpoint; the step count and learning-rate schedule are not rewound (docs/reliability.md). null: off, "
+        "the default, because a false alarm throws away the steps since the last checkpoint; 3 suits long runs. "
+        "Supervised methods only: a preference or reward objective can sit near or below zero.",
+    )
+    spike_window: int = Field(
+        100,
+        ge=3,
+        description="How many recent step losses the spike median covers. Nothing is judged until this many "
+        "steps have run (from the start, and again after each rollback), so the first noisy steps are never "
+        "the reference; below 3 the median is moved by a single odd step.",
+    )
+    max_rollbacks: int = Field(
+        3,
+        ge=0,
+        description="Rollbacks after loss spikes allowed over the run; the next spike stops it with an error "
+        "naming the step. 0: stop at the first spike instead of rolling back.",
+    )
 
 
 class DistributedConfig(Section):
@@ -773,6 +796,12 @@ class Config(Section):
                 )
             if preference and spec.format == "unpaired" and not isinstance(self.method, KtoMethod):
                 raise ValueError(f"format unpaired ({spec.name}) has no pairs: only method kto reads it")
+        if self.guards.spike_factor is not None and preference:
+            raise ValueError(
+                f"guards.spike_factor judges a supervised loss against its recent median; method "
+                f"'{self.method.name}' optimises a preference or reward objective, which can sit near or below "
+                "zero, where such a ratio means nothing: set guards.spike_factor: null"
+            )
         if self.eval.tasks and not (self.data.eval_datasets or self.data.eval_split > 0):
             raise ValueError(
                 "eval.tasks run when the Trainer evaluates, which needs evaluation data: set "

@@ -83,6 +83,7 @@ from tuneforge.train.preference import (
 )
 from tuneforge.train.preemption import install_preemption_handlers, raise_if_preempted
 from tuneforge.train.speed import plan_speed
+from tuneforge.train.spike import count_rollbacks
 from tuneforge.train.watchdog import StallWatchdog
 from tuneforge.train.run_dir import (
     check_disk_space,
@@ -288,6 +289,9 @@ def _build_trainer(
     else:
         trainer = TuneforgeTrainer(
             max_nonfinite_steps=config.guards.max_nonfinite_steps,
+            spike_factor=config.guards.spike_factor,
+            spike_window=config.guards.spike_window,
+            max_rollbacks=config.guards.max_rollbacks,
             model=model,
             args=args,
             train_dataset=datasets.train,
@@ -410,6 +414,7 @@ def _train(config: Config, ranks: Ranks, callbacks: list[TrainerCallback] | None
         samples=_show_samples(config, trainer.model, tokenizer, datasets.template)
         if ranks.is_main and planned_engine(config.distributed, ranks.world_size) == "ddp" else [],
         preference=preference_report(trainer.state.log_history),
+        rollbacks=count_rollbacks(trainer),
         **measured,
     )
     if ranks.is_main:

@@ -36,6 +36,7 @@ class RunResult:
     best_checkpoint: str | None = None
     # Preference methods: first and last logged `rewards/*` values (train/preference.py).
     preference: dict[str, dict[str, float]] = field(default_factory=dict)
+    rollbacks: int = 0  # after loss spikes (train/spike.py)
 
     @property
     def tokens_per_second(self) -> float:
@@ -57,6 +58,7 @@ def write_summary(result: RunResult) -> None:
         "total_parameters": result.parameters.total,
         "resumed_from": result.resumed_from,
         "best_checkpoint": result.best_checkpoint,
+        "rollbacks": result.rollbacks,
         "eval_results": last_eval_results(read_metrics(result.run_dir)),
         "status": "complete",
     }
@@ -103,6 +105,7 @@ def summarize_interrupted(run_dir: Path, records: list[dict[str, Any]]) -> dict[
         "peak_gpu_memory_gib": max((r["gpu_memory_gib"] for r in records if "gpu_memory_gib" in r), default=None),
         "last_checkpoint": checkpoint,
         "best_checkpoint": state.get("best_model_checkpoint"),
+        "rollbacks": max((r.get("rollbacks", 0) for r in records), default=0),
         "eval_results": last_eval_results(records),
         "status": "interrupted",
     }
@@ -192,6 +195,8 @@ def print_summary(result: RunResult) -> None:
     if result.eval_loss_after is not None:
         before = f"{result.eval_loss_before:.4f} -> " if result.eval_loss_before is not None else ""
         lines.append(f"eval loss: {before}{result.eval_loss_after:.4f}")
+    if result.rollbacks:
+        lines.append(f"rolled back after a loss spike: {result.rollbacks} time(s)")
     for key, values in result.preference.items():
         lines.append(f"{key}: {values['first']:.4f} -> {values['last']:.4f}")
     lines.append(f"model: {result.model_dir}")

@@ -1,5 +1,6 @@
 """tuneforge's `Trainer`: the Hugging Face one, with atomic checkpoints (`checkpoints.py`),
-skipped non-finite steps (`guards.py`), and logging of the losses a model adds itself.
+skipped non-finite steps (`guards.py`), rollback after a loss spike (`spike.py`), and logging
+of the losses a model adds itself.
 
 MoE models add the router load-balancing loss to the language-modelling loss (PITFALLS 10:
 when it is silently off, experts collapse). It is logged as `aux_loss` so a run shows it.
@@ -14,9 +15,10 @@ from transformers import Trainer
 
 from tuneforge.train.checkpoints import AtomicCheckpointMixin
 from tuneforge.train.guards import NonFiniteGuardMixin
+from tuneforge.train.spike import LossSpikeGuardMixin
 
 
-class TuneforgeTrainer(NonFiniteGuardMixin, AtomicCheckpointMixin, Trainer):
+class TuneforgeTrainer(NonFiniteGuardMixin, LossSpikeGuardMixin, AtomicCheckpointMixin, Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # Summed on the device and read only when logging: no host sync per step.
