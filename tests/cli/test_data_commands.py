@@ -38,3 +38,20 @@ def test_preview_and_preprocess_on_the_quickstart(capsys, monkeypatch, tmp_path)
     assert main(["preprocess", "examples/quickstart.yaml"]) == 0
     out = capsys.readouterr().out
     assert "already cached:" in out and "reusing tokenised data from cache" in out
+
+
+def test_preview_shows_preference_pairs_and_preprocess_caches_them(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert main(["data", "preview", "examples/dpo_lora.yaml", "--count", "1", "--color", "never"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("--- pair") == 1
+    assert re.search(r"--- pair 0: prompt \d+ tokens, chosen \d+ and rejected \d+ trained\n", out)
+    # The prompt is masked; both replies are trained through their end-of-turn token.
+    assert "prompt:   «<s>### Question:\nExplain what a hash table is in one sentence.\n\n### Answer:\n»\n" in out
+    assert "chosen:   A hash table stores key-value pairs" in out and "constant time on average.</s>\n" in out
+    assert "rejected: It is a table.</s>\n" in out
+    assert "examples/data/preference.jsonl: 3 rows -> 3 examples" in out
+    assert main(["preprocess", "examples/dpo_lora.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "already cached:" in out and "reusing tokenised data from cache" in out
+

@@ -1,10 +1,13 @@
-"""Preference pairs tokenised with the run's template: prompt as generation encodes it, replies as SFT does."""
+"""Preference pairs tokenised with the run's template: prompt as generation encodes it, replies as SFT does;
+through the tokenisation cache and its file barrier."""
 
 import pytest
+from transformers import AutoTokenizer
 
-from tests.conftest import write_jsonl
+from tests.conftest import build_tokenizer, write_jsonl
 from tuneforge.config.loading import load_config
-from tuneforge.config.schema import DataConfig
+from tuneforge.config.schema import DataConfig, DpoMethod, KtoMethod
+from tuneforge.data import preference
 from tuneforge.data.preference import build_preference_datasets
 from tuneforge.data.templates import (
     encode_conversation,
@@ -13,6 +16,8 @@ from tuneforge.data.templates import (
 )
 from tuneforge.errors import ConfigError, DataError
 
+DPO, KTO = DpoMethod(), KtoMethod()
+
 
 def data_config(path, **spec) -> DataConfig:
     return DataConfig(datasets=[{"path": str(path), "format": "preference", "template": "qa", **spec}], max_length=64)
@@ -20,7 +25,7 @@ def data_config(path, **spec) -> DataConfig:
 
 def test_pairs_use_the_generation_prompt_and_the_supervised_reply(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "after 3", "chosen": "4", "rejected": "five"}])
-    pair = build_preference_datasets(data_config(path), tokenizer, seed=0, unpaired=False).train[0]
+    pair = build_preference_datasets(data_config(path), tokenizer, seed=0, method=DPO).train[0]
     template = resolve_template("qa", tokenizer)
     prompt = [{"role": "user", "content": "after 3"}]
     assert pair["prompt_ids"] == encode_generation_prompt(tokenizer, template, prompt)
@@ -37,19 +42,19 @@ def test_length_policy_truncates_or_drops_pairs_and_refuses_split(tmp_path, toke
         {"prompt": "after 3", "chosen": "4", "rejected": long_reply},
         {"prompt": "after 5", "chosen": "6", "rejected": "7"},
     ])
-    truncated = build_preference_datasets(data_config(path), tokenizer, seed=0, unpaired=False)
+    truncated = build_preference_datasets(data_config(path), tokenizer, seed=0, method=DPO)
     assert len(truncated.train) == 2 and truncated.stats[0].truncated == 1
     first = truncated.train[0]
     assert len(first["prompt_ids"]) + len(first["rejected_ids"]) == 64
-    dropped = build_preference_datasets(data_config(path, on_too_long="drop"), tokenizer, seed=0, unpaired=False)
+    dropped = build_preference_datasets(data_config(path, on_too_long="drop"), tokenizer, seed=0, method=DPO)
     assert len(dropped.train) == 1 and dropped.stats[0].dropped == 1
     with pytest.raises(ConfigError, match="split would cut a preference pair"):
-        build_preference_datasets(data_config(path, on_too_long="split"), tokenizer, seed=0, unpaired=False)
+        build_preference_datasets(data_config(path, on_too_long="split"), tokenizer, seed=0, method=DPO)
 
 
 def test_pairs_become_one_desirable_and_one_undesirable_reply_for_kto(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"after {n}", "chosen": str(n + 1), "rejected": "no"} for n in range(5)])
-    replies = build_preference_datasets(data_config(path), tokenizer, seed=0, unpaired=True).train
+    replies = build_preference_datasets(data_config(path), tokenizer, seed=0, method=KTO).train
     assert sorted(replies["label"]) == [False] * 5 + [True] * 5
     assert set(replies.column_names) == {"prompt_ids", "completion_ids", "label"}
 
@@ -58,7 +63,7 @@ def test_unpaired_labels_must_be_booleans(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "kto.jsonl", [{"prompt": "after 3", "completion": "4", "label": "maybe"}])
     config = DataConfig(datasets=[{"path": str(path), "format": "unpaired", "response_field": "completion"}])
     with pytest.raises(DataError, match=r"kto.jsonl:1.*\(label\) is 'maybe', expected true \(desirable\) or false"):
-        build_preference_datasets(config, tokenizer, seed=0, unpaired=True)
+        build_preference_datasets(config, tokenizer, seed=0, method=KTO)
 
 
 @pytest.mark.parametrize(("method", "data_format", "message"), [
@@ -82,3 +87,42 @@ def test_a_quantized_base_needs_a_lora_adapter_under_a_preference_method():
         load_config(settings)
     settings["method"]["adapter"] = {"name": "lora"}
     assert load_config(settings).method.adapter.name == "lora"
+
+
+def test_preference_data_is_cached_per_tokenizer_and_method(tmp_path, tokenizer, monkeypatch, capsys):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"after {n}", "chosen": str(n + 1), "rejected": "no"} for n in range(6)])
+    config = data_config(path).model_copy(update={"cache_dir": str(tmp_path / "cache"), "eval_split": 0.2})
+    first = build_preference_datasets(config, tokenizer, seed=0, method=DPO)
+    assert not first.from_cache and (tmp_path / "cache" / first.fingerprint / "stats.json").exists()
+
+    def no_tokenising(*args, **kwargs):
+        raise AssertionError("tokenised again")
+
+    monkeypatch.setattr(preference, "encode_generation_prompt", no_tokenising)
+    second = build_preference_datasets(config, tokenizer, seed=0, method=DPO)
+    assert second.from_cache and second.fingerprint == first.fingerprint
+    assert "reusing tokenised data from cache" in capsys.readouterr().out
+    assert second.train["chosen_ids"] == first.train["chosen_ids"] and second.eval["prompt_ids"] == first.eval["prompt_ids"]
+    assert second.stats[0].describe() == first.stats[0].describe()
+    monkeypatch.undo()
+    # Another tokenizer, or a method reading the pairs as unpaired replies, is another entry.
+    other_tokenizer = AutoTokenizer.from_pretrained(str(build_tokenizer(tmp_path / "other", vocab_size=500)))
+    retokenised = build_preference_datasets(config, other_tokenizer, seed=0, method=DPO)
+    unpaired = build_preference_datasets(config, tokenizer, seed=0, method=KTO)
+    assert not retokenised.from_cache and not unpaired.from_cache
+    assert len({first.fingerprint, retokenised.fingerprint, unpaired.fingerprint}) == 3
+
+
+def test_a_waiting_rank_loads_the_preference_entry_or_raises_the_builders_error(tmp_path, tokenizer):
+    good = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "after 3", "chosen": "4", "rejected": "no"}])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "after 3", "chosen": "4"}])
+    good_config, bad_config = (data_config(path).model_copy(update={"cache_dir": str(tmp_path / "cache")}) for path in (good, bad))
+    # Local rank 0 builds; another rank waits on the file barrier, then loads the entry.
+    built = build_preference_datasets(good_config, tokenizer, seed=0, method=DPO, peers_wait=True)
+    waited = build_preference_datasets(good_config, tokenizer, seed=0, method=DPO, wait_seconds=30)
+    assert waited.from_cache and waited.train["rejected_ids"] == built.train["rejected_ids"]
+    # A failing build leaves its error for the waiting ranks instead of a timeout.
+    with pytest.raises(DataError, match="missing field 'rejected'"):
+        build_preference_datasets(bad_config, tokenizer, seed=0, method=DPO, peers_wait=True)
+    with pytest.raises(DataError, match="preprocessing the data failed: .*missing field 'rejected'"):
+        build_preference_datasets(bad_config, tokenizer, seed=0, method=DPO, wait_seconds=30)

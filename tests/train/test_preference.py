@@ -58,7 +58,7 @@ def chosen_margins(model, settings) -> torch.Tensor:
     """log p(chosen | prompt) - log p(rejected | prompt) per training pair, as tuneforge tokenises them."""
     config = load_config(settings)
     tokenizer = AutoTokenizer.from_pretrained(config.model.path)
-    pairs = build_preference_datasets(config.data, tokenizer, seed=0, unpaired=False).train
+    pairs = build_preference_datasets(config.data, tokenizer, seed=0, method=config.method).train
     margins = []
     with torch.no_grad():
         for pair in pairs:

@@ -1,9 +1,13 @@
-"""`tuneforge data preview CONFIG`: the tokenised examples (untrained tokens marked) and statistics."""
+"""`tuneforge data preview CONFIG`: the tokenised examples (untrained tokens marked) and statistics.
+
+Preference configs show their pairs (prompt, chosen, rejected) or KTO replies.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from tuneforge.cli.config_arguments import add_config_arguments
 
@@ -22,35 +26,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _supervised_example(tokenizer: Any, datasets: Any, index: int, row: dict[str, Any], color: bool) -> str:
+    from tuneforge.data.images import collapse_image_tokens
+    from tuneforge.data.preview import render_example
+
+    input_ids, labels = row["input_ids"], row["labels"]
+    trained = sum(label != -100 for label in labels)
+    header = f"--- example {index}: {len(input_ids)} tokens, {trained} trained"
+    if datasets.images is not None:
+        # Each image's run of feature tokens is shown as one placeholder.
+        input_ids, labels, counts = collapse_image_tokens(input_ids, labels, datasets.images)
+        header += f", {counts}"
+    return f"{header}\n{render_example(tokenizer, input_ids, labels, color=color)}"
+
+
 def run(args: argparse.Namespace) -> int:
     from tuneforge.config.loading import load_config
-    from tuneforge.data.build import build_datasets
-    from tuneforge.data.preview import length_histogram, render_example
-    from tuneforge.data.images import collapse_image_tokens
+    from tuneforge.config.schema import PreferenceMethod
+    from tuneforge.data.preview import length_histogram, render_preference_example
+    from tuneforge.data.run import build_run_datasets
     from tuneforge.models.loading import load_tokenizer
-    from tuneforge.models.vlm import prepare_image_inputs
 
     config = load_config(args.config, args.overrides)
     tokenizer = load_tokenizer(config.model)
-    datasets = build_datasets(
-        config.data, tokenizer, seed=config.train.seed, batch_size=config.train.per_device_train_batch_size,
-        images=prepare_image_inputs(config.model, tokenizer),
-    )
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    preference = isinstance(config.method, PreferenceMethod)
+    datasets = build_run_datasets(config, tokenizer)
     train = datasets.train
     legend = "trained tokens in green, untrained in grey" if color else "untrained text is shown «like this»"
     print(f"template: {datasets.template.name if datasets.template else 'n/a'}; {legend}\n")
     for index in range(min(args.count, len(train))):
         row = train[index]
-        input_ids, labels = row["input_ids"], row["labels"]
-        trained = sum(label != -100 for label in labels)
-        header = f"--- example {index}: {len(input_ids)} tokens, {trained} trained"
-        if datasets.images is not None:
-            # Each image's run of feature tokens is shown as one placeholder.
-            input_ids, labels, counts = collapse_image_tokens(input_ids, labels, datasets.images)
-            header += f", {counts}"
-        print(header)
-        print(render_example(tokenizer, input_ids, labels, color=color))
+        if preference:
+            print(render_preference_example(tokenizer, index, row, color=color))
+        else:
+            print(_supervised_example(tokenizer, datasets, index, row, color))
         print()
     print("--- statistics")
     for stats in datasets.stats:

@@ -16,15 +16,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tuneforge.config.loading import load_config
-    from tuneforge.data.build import build_datasets
-    from tuneforge.data.cache import DataCache
+    from tuneforge.data.cache import cache_root
+    from tuneforge.data.run import build_run_datasets
     from tuneforge.models.loading import load_tokenizer
 
     config = load_config(args.config, args.overrides)
     tokenizer = load_tokenizer(config.model)
-    datasets = build_datasets(config.data, tokenizer, seed=config.train.seed)
+    datasets = build_run_datasets(config, tokenizer)  # what `tuneforge train` looks up, preference data too
     for stats in datasets.stats:
         print(stats.describe())
     state = "already cached" if datasets.from_cache else "cached"
-    print(f"{state}: {DataCache(config.data, tokenizer, config.train.seed).path}")
+    print(f"{state}: {cache_root(config.data) / str(datasets.fingerprint)}")
     return 0

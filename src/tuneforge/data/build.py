@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -353,7 +354,26 @@ def build_datasets(
         raise ConfigError(
             "packing is not supported with images", where="data.packing", hint="set data.packing: false"
         )
-    cache = DataCache(config, tokenizer, seed, extra=images.fingerprint() if images else "") if use_cache else None
+    datasets = cached_datasets(
+        config, tokenizer, seed, template, lambda: _tokenize_all(config, tokenizer, template, seed, batch_size, images),
+        extra=images.fingerprint() if images else "", use_cache=use_cache, peers_wait=peers_wait,
+        wait_seconds=wait_seconds,
+    )
+    datasets.images = images
+    return datasets
+
+
+def cached_datasets(
+    config: DataConfig, tokenizer: Any, seed: int, template: Template, build: Callable[[], Datasets], *,
+    extra: str = "", use_cache: bool = True, peers_wait: bool = False, wait_seconds: float | None = None,
+) -> Datasets:
+    """`build()`'s datasets through the tokenisation cache, for supervised and preference data alike.
+
+    The entry's key covers the data, the tokenizer, the `data` section, `seed` and `extra` (what
+    else changes the result). Several processes: the one with `peers_wait` builds (and leaves a
+    failure marker if it fails); those with `wait_seconds` wait for its entry that long, then load it.
+    """
+    cache = DataCache(config, tokenizer, seed, extra=extra) if use_cache else None
     if cache is not None and wait_seconds is not None:
         cache.wait(wait_seconds)
     if cache is not None:
@@ -362,15 +382,11 @@ def build_datasets(
             train, evaluation, meta = cached
             stats = [DatasetStats(**s) for s in meta["datasets"]]
             packing = PackingStats(**meta["packing"]) if meta.get("packing") else None
-            return Datasets(
-                train, evaluation, stats, template, from_cache=True, packing=packing, images=images,
-                fingerprint=cache.key,
-            )
+            return Datasets(train, evaluation, stats, template, from_cache=True, packing=packing, fingerprint=cache.key)
     if cache is not None and peers_wait:
         cache.clear_failure()
     try:
-        datasets = _tokenize_all(config, tokenizer, template, seed, batch_size, images)
-        datasets.images = images
+        datasets = build()
         if cache is not None:
             datasets.fingerprint = cache.key
             meta = {
@@ -385,4 +401,4 @@ def build_datasets(
     return datasets
 
 
-__all__ = ["DatasetStats", "Datasets", "build_datasets", "encode_rows", "mix", "to_dataset", "tokenize_dataset"]
+__all__ = ["DatasetStats", "Datasets", "build_datasets", "cached_datasets", "encode_rows", "mix", "to_dataset", "tokenize_dataset"]

@@ -47,6 +47,11 @@ def default_cache_root() -> Path:
     return Path(os.environ.get("TUNEFORGE_CACHE", Path.home() / ".cache" / "tuneforge")) / "data"
 
 
+def cache_root(config: DataConfig) -> Path:
+    """The folder holding the entries: `data.cache_dir`, else the default."""
+    return Path(config.cache_dir) if config.cache_dir else default_cache_root()
+
+
 def _hash_file(path: Path, digest: Any) -> None:
     digest.update(str(path.resolve()).encode())
     with path.open("rb") as handle:
@@ -97,9 +102,8 @@ class DataCache:
     """One cache entry: `train/`, `eval/` (Arrow, via `datasets`) and `stats.json`."""
 
     def __init__(self, config: DataConfig, tokenizer: Any, seed: int, extra: str = "") -> None:
-        root = Path(config.cache_dir) if config.cache_dir else default_cache_root()
         self.key = cache_key(config, tokenizer, seed, extra)
-        self.path = root / self.key
+        self.path = cache_root(config) / self.key
 
     def load(self) -> tuple[Dataset, Dataset | None, dict[str, Any]] | None:
         if not (self.path / "stats.json").exists():
@@ -170,4 +174,4 @@ class DataCache:
             time.sleep(poll_seconds)
 
 
-__all__ = ["DataCache", "cache_key", "default_cache_root", "tokenizer_fingerprint"]
+__all__ = ["DataCache", "cache_key", "cache_root", "default_cache_root", "tokenizer_fingerprint"]

@@ -1,6 +1,6 @@
 """Preference data for TRL's trainers, tokenised with the run's template.
 
-    datasets = build_preference_datasets(config.data, tokenizer, seed=0, unpaired=False)
+    datasets = build_preference_datasets(config.data, tokenizer, seed=0, method=config.method)
     datasets.train[0]  # {"prompt_ids": [...], "chosen_ids": [...], "rejected_ids": [...]}
 
 The prompt is encoded exactly as generation encodes it (`encode_generation_prompt`), and each
@@ -13,23 +13,26 @@ would be cut away entirely is dropped either way.
 Columns are TRL's pre-tokenised ones: `prompt_ids`/`chosen_ids`/`rejected_ids` for pairs,
 `prompt_ids`/`completion_ids`/`label` for unpaired replies (KTO), where a pair gives one
 desirable and one undesirable reply (as TRL's `unpair_preference_dataset`).
+
+Like supervised data, the result goes through the tokenisation cache (`cached_datasets`).
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 from datasets import Dataset
 
-from tuneforge.config.schema import DataConfig, DatasetSpec
+from tuneforge.config.schema import DataConfig, DatasetSpec, KtoMethod, PreferenceMethod
 from tuneforge.data.build import (
     Datasets,
     DatasetStats,
     _hold_out,
     _resolve,
     _template_for,
+    cached_datasets,
     mix,
 )
 from tuneforge.data.formats import Message, parse_preference, parse_unpaired
@@ -56,6 +59,14 @@ class UnpairedExample:
     prompt_ids: list[int]
     completion_ids: list[int]
     label: bool
+
+
+# What each method reads: pairs (dpo, orpo, simpo) or unpaired replies (kto).
+Shape = Literal["pairs", "unpaired"]
+
+
+def preference_shape(method: PreferenceMethod) -> Shape:
+    return "unpaired" if isinstance(method, KtoMethod) else "pairs"
 
 
 @dataclass(frozen=True)
@@ -152,11 +163,14 @@ def _to_dataset(examples: list[PairExample | UnpairedExample]) -> Dataset:
     return Dataset.from_list([asdict(example) for example in examples])
 
 
-def build_preference_datasets(config: DataConfig, tokenizer: Any, seed: int, *, unpaired: bool) -> Datasets:
-    """Train and eval sets of pairs (or, `unpaired`, of labelled replies) with per-dataset statistics.
+def build_preference_datasets(
+    config: DataConfig, tokenizer: Any, seed: int, *, method: PreferenceMethod, use_cache: bool = True,
+    peers_wait: bool = False, wait_seconds: float | None = None,
+) -> Datasets:
+    """Train and eval sets of what `method` reads (pairs, or unpaired replies for KTO) with per-dataset statistics.
 
     `eval_split`, mixture weights and `eval_datasets` work as for supervised data (`build_datasets`);
-    pairs are held out whole. Not cached: tokenising pairs costs little next to a preference run.
+    pairs are held out whole. Cached, and shared between processes, as `build_datasets` does.
     """
     if config.packing or config.streaming:
         raise ConfigError(
@@ -165,6 +179,15 @@ def build_preference_datasets(config: DataConfig, tokenizer: Any, seed: int, *, 
             hint="set it to false",
         )
     template = _resolve(config.datasets[0], tokenizer, "data.datasets.0")
+    shape = preference_shape(method)
+    return cached_datasets(
+        config, tokenizer, seed, template, lambda: _tokenize_all(config, tokenizer, seed, template, shape),
+        extra=f"preference:{shape}", use_cache=use_cache, peers_wait=peers_wait, wait_seconds=wait_seconds,
+    )
+
+
+def _tokenize_all(config: DataConfig, tokenizer: Any, seed: int, template: Template, shape: Shape) -> Datasets:
+    unpaired = shape == "unpaired"
     parts, stats = [], []
     eval_examples: list[PairExample | UnpairedExample] = []
     for index, spec in enumerate(config.datasets):
@@ -203,4 +226,11 @@ def build_preference_datasets(config: DataConfig, tokenizer: Any, seed: int, *, 
     )
 
 
-__all__ = ["PairExample", "UnpairedExample", "build_preference_datasets", "encode_reply", "tokenize_preference_dataset"]
+__all__ = [
+    "PairExample",
+    "UnpairedExample",
+    "build_preference_datasets",
+    "encode_reply",
+    "preference_shape",
+    "tokenize_preference_dataset",
+]

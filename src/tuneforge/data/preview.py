@@ -1,6 +1,7 @@
 """Show what the model will be trained on: tokens with the untrained ones marked, and statistics.
 
     tuneforge data preview examples/quickstart.yaml --count 3
+    tuneforge data preview examples/dpo_lora.yaml --count 3     # prompt, chosen and rejected
 """
 
 from __future__ import annotations
@@ -38,6 +39,28 @@ def render_example(tokenizer: Any, input_ids: list[int], labels: list[int], *, c
     return "".join(parts)
 
 
+def render_preference_example(tokenizer: Any, index: int, row: dict[str, Any], *, color: bool) -> str:
+    """A preference example: its prompt (never trained) above each reply (trained), one per line.
+
+    Pairs show `chosen` and `rejected`, KTO examples their one reply and its label.
+    """
+    prompt = row["prompt_ids"]
+    if "chosen_ids" in row:
+        replies = {"chosen": row["chosen_ids"], "rejected": row["rejected_ids"]}
+        header = (
+            f"pair {index}: prompt {len(prompt)} tokens, chosen {len(replies['chosen'])} and rejected "
+            f"{len(replies['rejected'])} trained"
+        )
+    else:
+        replies = {"reply": row["completion_ids"]}
+        label = "desirable" if row["label"] else "undesirable"
+        header = f"reply {index} ({label}): prompt {len(prompt)} tokens, reply {len(replies['reply'])} trained"
+    width = max(len(name) for name in ["prompt", *replies]) + 2
+    lines = [f"--- {header}", f"{'prompt:':<{width}}{render_example(tokenizer, prompt, [IGNORE_INDEX] * len(prompt), color=color)}"]
+    lines += [f"{name + ':':<{width}}{render_example(tokenizer, ids, ids, color=color)}" for name, ids in replies.items()]
+    return "\n".join(lines)
+
+
 def length_histogram(lengths: list[int], bins: int = 8, width: int = 40) -> list[str]:
     """A text histogram of sequence lengths."""
     if not lengths:
@@ -58,4 +81,4 @@ def length_histogram(lengths: list[int], bins: int = 8, width: int = 40) -> list
     return lines
 
 
-__all__ = ["length_histogram", "render_example", "segments"]
+__all__ = ["length_histogram", "render_example", "render_preference_example", "segments"]

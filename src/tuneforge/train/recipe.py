@@ -28,11 +28,11 @@ from tuneforge.config.schema import (
     weights_method,
 )
 from tuneforge.config.training_args import to_training_arguments
-from tuneforge.data.build import SUPERVISED_FORMATS, Datasets, build_datasets
+from tuneforge.data.build import SUPERVISED_FORMATS, Datasets
 from tuneforge.data.formats import row_to_messages
 from tuneforge.data.images import VISION_FORMATS, ImageCollator, ImageInputs
 from tuneforge.data.packing import PackedCollator
-from tuneforge.data.preference import build_preference_datasets
+from tuneforge.data.run import build_run_datasets
 from tuneforge.data.sources import read_rows
 from tuneforge.data.templates import (
     Template,
@@ -54,7 +54,6 @@ from tuneforge.models.loading import (
 )
 from tuneforge.models.vlm import (
     fit_to_tokenizer,
-    prepare_image_inputs,
     save_processor,
     vlm_method,
 )
@@ -361,18 +360,12 @@ def _train(config: Config, ranks: Ranks, callbacks: list[TrainerCallback] | None
 
     transformers.set_seed(config.train.seed)
     tokenizer = load_tokenizer(config.model)
-    if isinstance(config.method, PreferenceMethod):
-        datasets = build_preference_datasets(
-            config.data, tokenizer, seed=config.train.seed, unpaired=config.method.name == "kto"
-        )
-    else:
-        datasets = build_datasets(
-            config.data, tokenizer, seed=config.train.seed, batch_size=config.train.per_device_train_batch_size,
-            images=prepare_image_inputs(config.model, tokenizer),
-            # Local rank 0 tokenises; the others wait for its cache entry on a file barrier.
-            peers_wait=ranks.world_size > 1 and ranks.local_rank == 0,
-            wait_seconds=None if ranks.local_rank == 0 else config.distributed.preprocess_timeout_minutes * 60,
-        )
+    datasets = build_run_datasets(
+        config, tokenizer,
+        # Local rank 0 tokenises; the others wait for its cache entry on a file barrier.
+        peers_wait=ranks.world_size > 1 and ranks.local_rank == 0,
+        wait_seconds=None if ranks.local_rank == 0 else config.distributed.preprocess_timeout_minutes * 60,
+    )
     _log_data(datasets)
     _check_data(config, datasets)
     if resume is not None:
