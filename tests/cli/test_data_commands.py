@@ -55,3 +55,12 @@ def test_preview_shows_preference_pairs_and_preprocess_caches_them(capsys, monke
     out = capsys.readouterr().out
     assert "already cached:" in out and "reusing tokenised data from cache" in out
 
+
+def test_preview_shows_grpo_prompts_with_the_columns_the_rewards_get(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert main(["data", "preview", "examples/grpo_lora.yaml", "--count", "1", "--color", "never"]) == 0
+    out = capsys.readouterr().out
+    assert "--- prompt 0: 17 tokens; the completions are generated in training\n" in out
+    assert "prompt: «<s>### Question:\nWrite seventy five in digits.\n\n### Answer:\n»\n" in out
+    assert "for the rewards: question='Write seventy five in digits.', answer='75'\n" in out
+    assert "examples/quickstart/train.jsonl: 64 rows -> 64 examples" in out

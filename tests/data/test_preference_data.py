@@ -1,12 +1,12 @@
 """Preference pairs tokenised with the run's template: prompt as generation encodes it, replies as SFT does;
-through the tokenisation cache and its file barrier."""
+GRPO prompts with their rows' other fields; both through the tokenisation cache and its file barrier."""
 
 import pytest
 from transformers import AutoTokenizer
 
 from tests.conftest import build_tokenizer, write_jsonl
 from tuneforge.config.loading import load_config
-from tuneforge.config.schema import DataConfig, DpoMethod, KtoMethod
+from tuneforge.config.schema import DataConfig, DpoMethod, GrpoMethod, KtoMethod
 from tuneforge.data import preference
 from tuneforge.data.preference import build_preference_datasets
 from tuneforge.data.templates import (
@@ -67,9 +67,12 @@ def test_unpaired_labels_must_be_booleans(tmp_path, tokenizer):
 
 
 @pytest.mark.parametrize(("method", "data_format", "message"), [
-    ({"name": "full"}, "preference", "preference data trains with method dpo, orpo, kto or simpo"),
+    ({"name": "full"}, "preference", "preference data trains with method dpo, orpo, kto, simpo or grpo"),
     ({"name": "dpo"}, "instruction", "preference methods read format preference"),
     ({"name": "orpo"}, "unpaired", "only method kto reads it"),
+    ({"name": "grpo", "rewards": [{"_target_": "m.f"}]}, "preference", "grpo generates its own replies from format prompt"),
+    ({"name": "dpo"}, "prompt", "grpo generates its own replies from format prompt"),
+    ({"name": "full"}, "prompt", "preference data trains with method"),
 ])
 def test_methods_and_data_formats_must_fit(method, data_format, message):
     settings = {"model": {"path": "m"}, "data": {"datasets": [{"path": "d.jsonl", "format": data_format}]}, "method": method}
@@ -87,6 +90,47 @@ def test_a_quantized_base_needs_a_lora_adapter_under_a_preference_method():
         load_config(settings)
     settings["method"]["adapter"] = {"name": "lora"}
     assert load_config(settings).method.adapter.name == "lora"
+
+
+GRPO = GrpoMethod(rewards=[{"_target_": "m.f"}], max_completion_length=8)
+
+
+def test_grpo_prompts_are_generation_prompts_and_keep_their_rows_other_fields(tmp_path, tokenizer):
+    text = write_jsonl(tmp_path / "text.jsonl", [{"prompt": "after 3", "answer": "4"}])
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [
+        {"role": "system", "content": "Count."}, {"role": "user", "content": "after 5"}, {"role": "assistant", "content": "6"},
+    ], "answer": "6"}])
+    config = DataConfig(datasets=[
+        {"path": str(text), "format": "prompt", "template": "qa"},
+        {"path": str(chat), "format": "prompt", "template": "qa", "prompt_fields": ["messages"]},
+    ], max_length=32)
+    rows = build_preference_datasets(config, tokenizer, seed=0, method=GRPO).train
+    assert set(rows.column_names) == {"prompt_ids", "prompt", "answer", "messages"}
+    template = resolve_template("qa", tokenizer)
+    first, second = rows[0], rows[1]
+    assert first["prompt"] == [{"role": "user", "content": "after 3"}]
+    assert first["prompt_ids"] == encode_generation_prompt(tokenizer, template, first["prompt"])
+    assert (first["answer"], first["messages"]) == ("4", None)
+    # The conversation's final assistant turn is the answer to generate: not in the prompt, still in its column.
+    assert second["prompt"] == [{"role": "system", "content": "Count."}, {"role": "user", "content": "after 5"}]
+    assert second["messages"][-1] == {"role": "assistant", "content": "6"} and second["answer"] == "6"
+
+
+def test_grpo_prompts_leave_room_for_the_completion_and_must_not_shadow_rewards_arguments(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "after 3"}, {"prompt": "word " * 40}])
+    config = DataConfig(datasets=[{"path": str(path), "format": "prompt", "template": "qa"}], max_length=32)
+    kept = build_preference_datasets(config, tokenizer, seed=0, method=GRPO)
+    assert len(kept.train) == 1 and kept.stats[0].dropped == 1  # longer than 32 - 8 tokens
+    assert max(kept.stats[0].lengths) <= 24
+    with pytest.raises(ConfigError, match="max_completion_length 32 leaves no room") as error:
+        build_preference_datasets(config, tokenizer, seed=0, method=GRPO.model_copy(update={"max_completion_length": 32}))
+    assert error.value.where == "method.max_completion_length"
+    clash = write_jsonl(tmp_path / "clash.jsonl", [{"prompt": "after 3", "completions": 2}])
+    with pytest.raises(DataError, match=r"clash.jsonl:1: field\(s\) completions would reach the reward functions"):
+        build_preference_datasets(DataConfig(datasets=[{"path": str(clash), "format": "prompt"}]), tokenizer, seed=0, method=GRPO)
+    replied = write_jsonl(tmp_path / "replied.jsonl", [{"prompt": [{"role": "assistant", "content": "hi"}]}])
+    with pytest.raises(DataError, match="the prompt ends with nothing, expected a user message"):
+        build_preference_datasets(DataConfig(datasets=[{"path": str(replied), "format": "prompt"}]), tokenizer, seed=0, method=GRPO)
 
 
 def test_preference_data_is_cached_per_tokenizer_and_method(tmp_path, tokenizer, monkeypatch, capsys):

@@ -1,6 +1,6 @@
 """`tuneforge data preview CONFIG`: the tokenised examples (untrained tokens marked) and statistics.
 
-Preference configs show their pairs (prompt, chosen, rejected) or KTO replies.
+Preference configs show their pairs (prompt, chosen, rejected), KTO replies or GRPO prompts.
 """
 
 from __future__ import annotations

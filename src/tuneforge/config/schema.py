@@ -128,7 +128,7 @@ class ModelConfig(Section):
     )
 
 
-PREFERENCE_FORMATS = ("preference", "unpaired")
+PREFERENCE_FORMATS = ("preference", "unpaired", "prompt")
 
 BUILTIN_TEMPLATES = ("auto", "tokenizer", "qa", "alpaca", "chatml", "llama-3", "plain")
 
@@ -136,6 +136,7 @@ DEFAULT_PROMPT_FIELDS = {
     "instruction": ["instruction", "input"],
     "preference": ["prompt"],
     "unpaired": ["prompt"],
+    "prompt": ["prompt"],
     "multiple_choice": ["question"],
 }
 
@@ -152,12 +153,17 @@ class DatasetSpec(Section):
         "`datasets.Dataset`), instead of `path`.",
     )
     split: str = Field("train", description="Split to read for `hf:` datasets.")
-    format: Literal["instruction", "chat", "text", "preference", "unpaired", "multiple_choice", "llava", "caption"] = Field(
+    format: Literal[
+        "instruction", "chat", "text", "preference", "unpaired", "prompt", "multiple_choice", "llava", "caption"
+    ] = Field(
         "instruction",
         description="`instruction`: prompt and response, loss on the response; `chat`: "
         "multi-turn conversations, loss on assistant turns; `text`: continued pretraining on "
         "whole documents; `preference`: prompt/chosen/rejected pairs (preference methods); "
         "`unpaired`: a prompt, one reply and a desirable/undesirable label (method kto); "
+        "`prompt`: prompts alone, to generate from (method grpo): `prompt_fields` as text, or one "
+        "field holding a list of turns (a final assistant turn is left out), the row's other fields "
+        "passed to the reward functions; "
         "`multiple_choice`: question, choices and label (trained as instruction data, or for "
         "evaluation); `llava`: images and conversations with `<image>` placeholders (LLaVA JSON), "
         "loss on assistant turns; `caption`: an image and its caption, loss on the caption.",
@@ -173,7 +179,8 @@ class DatasetSpec(Section):
         None,
         description="Row fields joined (blank line between, empty ones skipped) into the "
         "prompt. Default: `[instruction, input]` (instruction; `input` may be missing), "
-        "`[prompt]` (preference), `[question]` (multiple choice). E.g. `[question]` or `[input]`.",
+        "`[prompt]` (preference, unpaired, prompt), `[question]` (multiple choice). E.g. `[question]` or "
+        "`[input]`; `[messages]` for chat rows in the prompt format.",
     )
     response_field: str = Field(
         "output", description="Instruction format: the row field with the response (`answer`, `target`)."
@@ -484,10 +491,54 @@ class SimpoMethod(PreferenceMethod):
     gamma: float = Field(0.5, ge=0, description="Target reward margin, divided by `beta` (TRL's `simpo_gamma`).")
 
 
-PREFERENCE_METHODS = (DpoMethod, OrpoMethod, KtoMethod, SimpoMethod)
+class GrpoMethod(PreferenceMethod):
+    name: Literal["grpo"] = Field(
+        "grpo", description="Group relative policy optimisation, online: for each prompt the model samples "
+        "`num_generations` completions, `rewards` score them, and each completion is reinforced by how far its "
+        "reward lies above its group's mean (TRL `GRPOTrainer`). Reads `format: prompt` data."
+    )
+    rewards: list[Component] = Field(
+        min_length=1,
+        description="Reward functions, each `{_target_: module.function, ...}` (the other keys are bound as "
+        "keyword arguments; a class is instantiated with them and its instances called). Called as TRL calls "
+        "them: `f(prompts=..., completions=..., completion_ids=..., trainer_state=..., log_extra=..., "
+        "log_metric=..., **columns) -> list[float]`, with prompts and completions as lists of turns and every "
+        "dataset column (`prompt_ids`, your rows' other fields) as a list; summed, weighted by `reward_weights`.",
+    )
+    reward_weights: list[float] | None = Field(None, description="Weight of each reward; default 1 each.")
+    num_generations: int = Field(
+        8,
+        ge=2,
+        description="Completions sampled per prompt (the group). The completions per optimizer step, "
+        "`per_device_train_batch_size` x processes x `gradient_accumulation_steps`, must be a multiple of it.",
+    )
+    max_completion_length: int = Field(
+        256,
+        gt=0,
+        description="Longest completion in tokens; prompts longer than `data.max_length` minus this are dropped.",
+    )
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the completions.")
+    beta: float = Field(
+        0.0,
+        ge=0,
+        description="KL penalty towards the reference model (TRL's `beta`); 0, TRL's default, keeps no reference. "
+        "Above 0 the reference is the starting weights: with a LoRA adapter the base with a copy of the "
+        "(fresh) adapter, otherwise a frozen copy of the model.",
+    )
+
+    @model_validator(mode="after")
+    def _one_weight_per_reward(self) -> GrpoMethod:
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise ValueError(
+                f"reward_weights has {len(self.reward_weights)} values for {len(self.rewards)} rewards: give one per reward"
+            )
+        return self
+
+
+PREFERENCE_METHODS = (DpoMethod, OrpoMethod, KtoMethod, SimpoMethod, GrpoMethod)
 
 MethodConfig = Annotated[
-    FullMethod | FreezeMethod | LoraMethod | DpoMethod | OrpoMethod | KtoMethod | SimpoMethod,
+    FullMethod | FreezeMethod | LoraMethod | DpoMethod | OrpoMethod | KtoMethod | SimpoMethod | GrpoMethod,
     Field(discriminator="name"),
 ]
 
@@ -791,11 +842,17 @@ class Config(Section):
             if preference != (spec.format in PREFERENCE_FORMATS):
                 raise ValueError(
                     f"method '{self.method.name}' cannot train on format '{spec.format}' ({spec.name}): "
-                    + ("preference methods read format preference (pairs) or unpaired (KTO)" if preference
-                       else "preference data trains with method dpo, orpo, kto or simpo")
+                    + ("preference methods read format preference (pairs), unpaired (KTO) or prompt (GRPO)"
+                       if preference else "preference data trains with method dpo, orpo, kto, simpo or grpo")
                 )
             if preference and spec.format == "unpaired" and not isinstance(self.method, KtoMethod):
                 raise ValueError(f"format unpaired ({spec.name}) has no pairs: only method kto reads it")
+            if preference and (spec.format == "prompt") != isinstance(self.method, GrpoMethod):
+                raise ValueError(
+                    f"method '{self.method.name}' cannot train on format '{spec.format}' ({spec.name}): "
+                    "grpo generates its own replies from format prompt; dpo, orpo, kto and simpo learn from "
+                    "the replies in format preference or unpaired"
+                )
         if self.guards.spike_factor is not None and preference:
             raise ValueError(
                 f"guards.spike_factor judges a supervised loss against its recent median; method "

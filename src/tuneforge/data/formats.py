@@ -365,6 +365,36 @@ class UnpairedReply:
     desirable: bool
 
 
+def _prompt_messages(row: Row, spec: DatasetSpec) -> list[Message]:
+    """The prompt of an unpaired or prompt row: the first prompt field's turns, or the prompt fields' text."""
+    names = spec.prompt_field_names
+    first = row.fields.get(names[0])
+    if isinstance(first, list):
+        return _messages(first, names[0], row)
+    return [{"role": "user", "content": _prompt_text(row, spec)}]
+
+
+def parse_prompt(row: Row, spec: DatasetSpec) -> list[Message]:
+    """A prompt row (GRPO) as the conversation to generate a reply to.
+
+    The prompt is `prompt_fields` as text, or the first of them holding a list of turns; a
+    conversation's final assistant turn is left out (it is the answer the model is to give,
+    still readable from its column).
+
+    Raises:
+        DataError: Missing or mistyped fields, or a prompt not ending with a user message with text.
+    """
+    prompt = _prompt_messages(row, spec)
+    if prompt[-1]["role"] == "assistant":
+        prompt = prompt[:-1]
+    if not prompt or prompt[-1]["role"] != "user" or not prompt[-1]["content"].strip():
+        found = f"a {prompt[-1]['role']} turn" if prompt else "nothing"
+        raise DataError(
+            f"the prompt ends with {found}, expected a user message with text to reply to", where=row.origin
+        )
+    return _with_system(prompt, spec)
+
+
 # JSON holds labels as booleans, CSV and Parquet as text or numbers; anything else is a mistake, not a guess.
 LABEL_VALUES = {"true": True, "false": False, "1": True, "0": False}
 
@@ -376,9 +406,7 @@ def parse_unpaired(row: Row, spec: DatasetSpec) -> UnpairedReply:
     Raises:
         DataError: Missing or mistyped fields, an empty prompt or reply, a label that is not a boolean.
     """
-    names = spec.prompt_field_names
-    first = row.fields.get(names[0])
-    prompt = _messages(first, names[0], row) if isinstance(first, list) else [{"role": "user", "content": _prompt_text(row, spec)}]
+    prompt = _prompt_messages(row, spec)
     reply = _reply(row, spec.response_field, "response", spec)
     _check_reply(reply, spec.response_field, row)
     if spec.label_field not in row.fields:
@@ -408,6 +436,7 @@ __all__ = [
     "format_choices",
     "parse_multiple_choice",
     "parse_preference",
+    "parse_prompt",
     "parse_unpaired",
     "row_to_messages",
 ]

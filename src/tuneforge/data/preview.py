@@ -39,10 +39,17 @@ def render_example(tokenizer: Any, input_ids: list[int], labels: list[int], *, c
     return "".join(parts)
 
 
+def _short(value: Any, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def render_preference_example(tokenizer: Any, index: int, row: dict[str, Any], *, color: bool) -> str:
     """A preference example: its prompt (never trained) above each reply (trained), one per line.
 
-    Pairs show `chosen` and `rejected`, KTO examples their one reply and its label.
+    Pairs show `chosen` and `rejected`, KTO examples their one reply and its label, GRPO prompts
+    the prompt alone (the completions are generated in training) and the columns the reward
+    functions receive.
     """
     prompt = row["prompt_ids"]
     if "chosen_ids" in row:
@@ -51,13 +58,20 @@ def render_preference_example(tokenizer: Any, index: int, row: dict[str, Any], *
             f"pair {index}: prompt {len(prompt)} tokens, chosen {len(replies['chosen'])} and rejected "
             f"{len(replies['rejected'])} trained"
         )
-    else:
+    elif "completion_ids" in row:
         replies = {"reply": row["completion_ids"]}
         label = "desirable" if row["label"] else "undesirable"
         header = f"reply {index} ({label}): prompt {len(prompt)} tokens, reply {len(replies['reply'])} trained"
+    else:
+        replies = {}
+        header = f"prompt {index}: {len(prompt)} tokens; the completions are generated in training"
     width = max(len(name) for name in ["prompt", *replies]) + 2
     lines = [f"--- {header}", f"{'prompt:':<{width}}{render_example(tokenizer, prompt, [IGNORE_INDEX] * len(prompt), color=color)}"]
     lines += [f"{name + ':':<{width}}{render_example(tokenizer, ids, ids, color=color)}" for name, ids in replies.items()]
+    if not replies:
+        columns = {name: value for name, value in row.items() if name not in ("prompt", "prompt_ids")}
+        if columns:
+            lines.append("for the rewards: " + ", ".join(f"{name}={_short(value)}" for name, value in columns.items()))
     return "\n".join(lines)
 
 

@@ -23,6 +23,7 @@ from tuneforge.config.schema import (
     PREFERENCE_FORMATS,
     Config,
     DatasetSpec,
+    GrpoMethod,
     LoraMethod,
     PreferenceMethod,
     weights_method,
@@ -77,6 +78,7 @@ from tuneforge.train.distributed import (
 from tuneforge.train.eval_callback import EvalTasksCallback
 from tuneforge.train.preference import (
     build_preference_trainer,
+    check_rewards,
     preference_arguments,
     preference_report,
 )
@@ -215,7 +217,11 @@ def _log_data(datasets: Datasets) -> None:
 
 
 def _check_data(config: Config, datasets: Datasets) -> None:
-    if sum(stats.trained_tokens for stats in datasets.stats if not stats.name.endswith("(eval)")) == 0 and not config.data.streaming:
+    if isinstance(config.method, GrpoMethod):
+        # GRPO trains on the completions it generates, not on tokens of the data; its rewards are
+        # checked against the data's columns now, before the model loads.
+        check_rewards(config.method, datasets.train.column_names)
+    elif sum(stats.trained_tokens for stats in datasets.stats if not stats.name.endswith("(eval)")) == 0 and not config.data.streaming:
         raise ConfigError(
             "no token of the training data is trained on (every label is masked)",
             where="data",
