@@ -76,6 +76,7 @@ def test_cache_key_changes_with_tokenizer_data_and_settings(tmp_path, tokenizer)
     other_tokenizer = AutoTokenizer.from_pretrained(str(build_tokenizer(tmp_path / "other", vocab_size=500)))
     assert cache_key(config, other_tokenizer, 0) != key  # only the tokenizer changed (PITFALLS 6)
     assert cache_key(config.model_copy(update={"max_length": 32}), tokenizer, 0) != key
+    assert cache_key(config.model_copy(update={"packing": True}), tokenizer, 0) != key
     assert cache_key(config, tokenizer, 1) != key
     write_jsonl(path, successor_rows(5, start=1))
     assert cache_key(config, tokenizer, 0) != key

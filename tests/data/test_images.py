@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from transformers import CLIPImageProcessor
+from transformers import CLIPImageProcessor, DataCollatorForSeq2Seq
 
 from tests.vision_assets import shape_rows
 from tuneforge.config.schema import DatasetSpec
@@ -51,7 +51,8 @@ def test_llava_row_is_masked_and_expanded(tmp_path, inputs):
     ids, labels, counts = collapse_image_tokens(example.input_ids, example.labels, image_inputs)
     assert ids.count(image_inputs.image_token_id) == 1 and len(labels) == len(ids)
     assert counts == "4 image tokens (1 image)"
-    batch = ImageCollator(tokenizer, image_inputs.processor)([{"input_ids": example.input_ids, "labels": example.labels, "images": list(example.images)}])
+    padded = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
+    batch = ImageCollator(padded, image_inputs.processor)([{"input_ids": example.input_ids, "labels": example.labels, "images": list(example.images)}])
     assert tuple(batch["pixel_values"].shape) == (1, 3, 32, 32)
 
 

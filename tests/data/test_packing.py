@@ -15,6 +15,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from tuneforge.data.images import ImageExample
 from tuneforge.data.packing import (
     PackedCollator,
     build_packed_dataset,
@@ -91,6 +92,20 @@ def test_build_packed_dataset_rows_and_stats():
     assert stats.efficiency == pytest.approx(10 / 12)
     assert stats.padded_efficiency == pytest.approx(10 / 15)
     assert "3 examples -> 2 rows" in stats.describe()
+
+
+def test_image_paths_travel_with_their_examples_in_token_order():
+    examples = [
+        ImageExample([1, 2, 3], [-100, 2, 3], ("a.png",)),
+        _example([4, 5, 6, 7, 8], 2),  # text in a mixture with image data: no images
+        ImageExample([9, 10], [-100, 10], ("b.png", "c.png")),
+    ]
+    dataset, stats = build_packed_dataset(examples, max_length=6)
+    # As in the test above: [4..8] alone, then [1, 2, 3] followed by [9, 10].
+    assert dataset.column_names == ["input_ids", "labels", "images", "position_ids"]
+    assert dataset["input_ids"] == [[4, 5, 6, 7, 8], [1, 2, 3, 9, 10]]
+    assert dataset["images"] == [[], ["a.png", "b.png", "c.png"]]
+    assert (stats.examples, stats.rows, stats.tokens) == (3, 2, 10)
 
 
 def test_collator_flattens_rows_into_one_padding_free_sequence():

@@ -21,17 +21,12 @@ from datasets import Dataset
 from tuneforge.config.schema import DataConfig, DatasetSpec
 from tuneforge.data.cache import DataCache
 from tuneforge.data.formats import document_text
-from tuneforge.data.images import (
-    VISION_FORMATS,
-    ImageExample,
-    ImageInputs,
-    encode_image_row,
-)
+from tuneforge.data.images import VISION_FORMATS, ImageInputs, encode_image_row
 from tuneforge.data.packing import PackingStats, build_packed_dataset
 from tuneforge.data.sources import BadRows, Row, read_rows
 from tuneforge.data.streaming import stream_text_dataset
 from tuneforge.data.templates import Template, resolve_template
-from tuneforge.data.tokenize import IGNORE_INDEX, Example, encode_row, pack_documents
+from tuneforge.data.tokenize import IGNORE_INDEX, Example, encode_row, example_columns, pack_documents
 from tuneforge.errors import ConfigError, DataError
 
 # Conversations with a trained reply: the run saves their template for generation.
@@ -253,11 +248,8 @@ def mix(parts: list[list[Example]], specs: list[DatasetSpec], seed: int) -> list
 
 
 def to_dataset(examples: list[Example]) -> Dataset:
-    columns: dict[str, list] = {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]}
-    if any(isinstance(e, ImageExample) for e in examples):
-        # Image paths, read by the collator; text-only examples in a mixture have none.
-        columns["images"] = [list(e.images) if isinstance(e, ImageExample) else [] for e in examples]
-    return Dataset.from_dict(columns)
+    """One row per example; image examples bring an `images` column of paths, read by the collator."""
+    return Dataset.from_dict(example_columns(examples))
 
 
 def _resolve(spec: DatasetSpec, tokenizer: Any, key: str) -> Template:
@@ -341,8 +333,8 @@ def build_datasets(
 
     Without `eval_datasets`, `eval_split` holds out a seeded fraction of each dataset's examples
     before mixing, so a repeated example never lands in both splits. With `packing`, training
-    examples are packed into rows (`batch_size` only sets the padded baseline that packing
-    efficiency is compared with).
+    examples are packed into rows, image examples with their image paths (`batch_size` only
+    sets the padded baseline that packing efficiency is compared with).
 
     Several processes: the one with `peers_wait` builds (and leaves a failure marker if it
     fails); those with `wait_seconds` wait for its cache entry that long, then load it.
@@ -350,10 +342,6 @@ def build_datasets(
     template = _resolve(config.datasets[0], tokenizer, "data.datasets.0")
     if config.streaming:
         return _streaming_datasets(config, tokenizer, template)
-    if images is not None and config.packing:
-        raise ConfigError(
-            "packing is not supported with images", where="data.packing", hint="set data.packing: false"
-        )
     datasets = cached_datasets(
         config, tokenizer, seed, template, lambda: _tokenize_all(config, tokenizer, template, seed, batch_size, images),
         extra=images.fingerprint() if images else "", use_cache=use_cache, peers_wait=peers_wait,

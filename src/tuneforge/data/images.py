@@ -2,12 +2,13 @@
 
     inputs = ImageInputs("<image>", image_token_id, tokens_per_image=576, processor=processor)
     encoded = encode_image_row(row, spec, tokenizer, template, max_length, inputs)
-    batch = ImageCollator(tokenizer, inputs.processor)(features)   # input_ids, labels, pixel_values
+    batch = ImageCollator(text_collator, inputs.processor)(features)   # the text batch + pixel_values
 
 A row's images are checked when the data is built (they exist, lie under the image root and
 decode), so a bad one is an error naming the row and the path before training starts. The
 examples keep the paths; pixels are read and preprocessed by the vision model's image processor
-batch by batch in the collator, so the tokenised cache stays small.
+batch by batch in the collator, so the tokenised cache stays small. Packed rows
+(`tuneforge.data.packing`) carry their examples' paths in token order.
 
 Each `<image>` placeholder is one token in the template's text and is expanded to
 `tokens_per_image` copies in the ids, one per image feature, as transformers' LLaVA expects;
@@ -16,12 +17,10 @@ placeholder tokens are never trained.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from transformers import DataCollatorForSeq2Seq
 
 from tuneforge.config.schema import DatasetSpec
 from tuneforge.data.formats import Message, row_to_messages
@@ -224,19 +223,21 @@ def pixel_values(processor: Any, paths: Sequence[str]) -> Any:
 
 
 class ImageCollator:
-    """Pads ids and labels (padding masked by position) and adds `pixel_values` for the batch's images.
+    """A text collator's batch plus `pixel_values` for the images of its rows.
 
-    Images are stacked in example order, then placeholder order within an example: the order in
-    which the model fills image features into placeholder positions.
+    `text` pads examples (`DataCollatorForSeq2Seq`, padding masked by position) or flattens
+    packed rows (`PackedCollator`); both keep the rows' tokens in order, and a row's `images`
+    are in the order of its placeholders (a packed row's too), so the images stacked row by row
+    are in the order in which the model fills image features into placeholder positions.
     """
 
-    def __init__(self, tokenizer: Any, processor: Any) -> None:
-        self.text = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
+    def __init__(self, text: Callable[[list[dict[str, Any]]], dict[str, Any]], processor: Any) -> None:
+        self.text = text
         self.processor = processor
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         paths = [path for feature in features for path in feature.get("images") or []]
-        batch = self.text([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
+        batch = self.text([{k: v for k, v in feature.items() if k != "images"} for feature in features])
         if paths:
             batch["pixel_values"] = pixel_values(self.processor, paths)
         return batch

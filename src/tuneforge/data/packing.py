@@ -5,10 +5,13 @@
 
 A packed row holds several whole examples, at most `max_length` tokens, with `position_ids`
 restarting at 0 for each example: that column is how every later stage finds the example
-boundaries. The collator flattens the rows of a batch into ONE sequence [1, total_tokens] with
-no padding, and adds the varlen metadata (`cu_seq_lens_q/k`, `max_length_q/k`) that attention
-kernels use to keep examples apart, and `use_cache=False` so that transformers' sdpa and eager
-masks keep them apart too (see `tuneforge.models.attention`).
+boundaries. Any other per-example list (an image example's `images`) is concatenated in the
+same order as the tokens, so a row's images follow its image placeholders. The collator
+flattens the rows of a batch into ONE sequence [1, total_tokens] with no padding, and adds the
+varlen metadata (`cu_seq_lens_q/k`, `max_length_q/k`) that attention kernels use to keep
+examples apart, and `use_cache=False` so that transformers' sdpa and eager masks keep them
+apart too (see `tuneforge.models.attention`). For image rows, `ImageCollator` wraps it and adds
+the pixels.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 from datasets import Dataset
 from transformers import DataCollatorWithFlattening
 
-from tuneforge.data.tokenize import IGNORE_INDEX, Example
+from tuneforge.data.tokenize import IGNORE_INDEX, Example, example_columns
 
 
 def pack_examples(lengths: Sequence[int], max_length: int) -> list[list[int]]:
@@ -133,19 +136,21 @@ def build_packed_dataset(
         seed: shuffles the lengths for the baseline, as a random sampler would.
 
     Returns:
-        Rows with columns `input_ids`, `labels` (the examples' own labels, concatenated) and
-        `position_ids` (restarting at 0 per example), and the packing stats.
+        Rows with columns `input_ids`, `labels` (the examples' own labels), every other
+        per-example list of the examples (`images`: paths in placeholder order), each the
+        row's examples' values concatenated in the row's order, and `position_ids`
+        (restarting at 0 per example); and the packing stats.
 
     Raises:
         ValueError: see `pack_examples`.
     """
     lengths = [len(example.input_ids) for example in examples]
     groups = pack_examples(lengths, max_length)
-    columns: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
-    for group in groups:
-        columns["input_ids"].append([t for i in group for t in examples[i].input_ids])
-        columns["labels"].append([t for i in group for t in examples[i].labels])
-        columns["position_ids"].append([p for i in group for p in range(lengths[i])])
+    columns = {
+        name: [[value for i in group for value in values[i]] for group in groups]
+        for name, values in example_columns(examples).items()
+    }
+    columns["position_ids"] = [[p for i in group for p in range(lengths[i])] for group in groups]
     shuffled = list(lengths)
     random.Random(seed).shuffle(shuffled)
     stats = PackingStats(

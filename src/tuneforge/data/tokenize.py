@@ -9,7 +9,8 @@ collator, never by token id, so pad == eos keeps every terminator's label (PITFA
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from tuneforge.config.schema import DatasetSpec
@@ -27,6 +28,17 @@ class Example:
 
     input_ids: list[int]
     labels: list[int]
+
+
+def example_columns(examples: Sequence[Example]) -> dict[str, list[list[Any]]]:
+    """The examples as dataset columns, one per field (`input_ids`, `labels`, then any other).
+
+    Subclasses add per-example lists (an image example's `images`); where only some examples
+    have such a field (text examples in a mixture with image ones), the others get `[]`.
+    """
+    kinds = dict.fromkeys([Example, *(type(e) for e in examples)])  # in order of appearance: stable columns
+    names = dict.fromkeys(f.name for kind in kinds for f in fields(kind))
+    return {name: [list(getattr(e, name, ())) for e in examples] for name in names}
 
 
 @dataclass(frozen=True)
@@ -128,6 +140,7 @@ __all__ = [
     "Example",
     "Outcome",
     "encode_row",
+    "example_columns",
     "fit_length",
     "has_trained_token",
     "pack_documents",

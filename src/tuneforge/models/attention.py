@@ -17,6 +17,11 @@ not see each other. Two backends are trusted to do that:
 
 Any other backend is refused (PITFALLS 5), and the chosen one is checked on the model itself:
 a packed probe must give the logits of the examples run alone.
+
+In a vision-language model only the language model's attention is set: packed examples meet
+there. The vision tower attends within each image, without causality, and keeps its backend;
+LLaVA hands it the batch's keyword arguments too, example offsets included, which its `sdpa`
+or `eager` attention ignores.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from transformers.modeling_flash_attention_utils import (
 
 from tuneforge.data.packing import PackedCollator
 from tuneforge.errors import ConfigError
+from tuneforge.models.vlm import is_vlm_config
 
 VARLEN_ATTENTION = "tuneforge_varlen"
 # Backends whose isolation of packed examples is proven by tests/data/test_packing.py.
@@ -182,12 +188,14 @@ def varlen_attention_forward(
         scaling: softmax scale; default 1/sqrt(head_dim).
         sliding_window: window of sliding-window layers (Mistral, Qwen2), or None.
         softcap: unsupported (Gemma 2).
-        is_causal: must not be False: packed training is causal.
+        is_causal: must not be False, nor the module's own `is_causal`: packed training is causal.
         **kwargs: `cu_seq_lens_q/k` and `max_length_q/k` from `PackedCollator`, `position_ids`.
 
     Returns:
         (attn_output [batch, tokens, heads, head_dim], None), like transformers' own backends.
     """
+    # As sdpa decides: a layer marked non-causal (a vision tower's) must not run causal here.
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     bounds = None if attention_mask is not None else _boundaries(kwargs, query, key)
     if bounds is None:
         # A padded batch with its dense mask, or decoding with a cache where sdpa_mask judged
@@ -265,7 +273,7 @@ def check_packed_isolation(model: Any, tolerance: float = 0.1) -> float:
     leak = (leaked - alone).abs().max().item()
     if not gap <= tolerance * leak:
         raise ConfigError(
-            f"attention `{model.config._attn_implementation}` lets packed examples see each "
+            f"attention `{model.config.get_text_config()._attn_implementation}` lets packed examples see each "
             f"other in this model (logit gap {gap:.3g}, a leak gives {leak:.3g})",
             where="data.packing",
             hint="set data.packing: false, or use a model whose attention follows transformers' "
@@ -287,13 +295,15 @@ def enable_packed_attention(model: Any, *, device: Any = None, verify: bool = Tr
             possible yet, e.g. parameters sharded by ZeRO-3 before the Trainer starts).
 
     Returns:
-        The attention implementation now set.
+        The attention implementation now set (on a vision-language model: its language model's).
 
     Raises:
         ConfigError: the model's attention backend cannot isolate examples, the model cannot
             switch backend, or the probe shows leakage.
     """
-    current = model.config._attn_implementation
+    # Packed examples meet in the language model; a VLM's vision tower keeps its backend.
+    language_model = model.get_decoder() if is_vlm_config(model.config) else model
+    current = language_model.config._attn_implementation
     if current not in (*MASK_ATTENTIONS, VARLEN_ATTENTION):
         raise ConfigError(
             f"packing needs an attention backend that keeps examples apart; `{current}` is not "
@@ -309,11 +319,11 @@ def enable_packed_attention(model: Any, *, device: Any = None, verify: bool = Tr
     else:
         wanted = "sdpa" if current == VARLEN_ATTENTION else current
     if wanted != current:
-        model.set_attn_implementation(wanted)
+        language_model.set_attn_implementation(wanted)
     # transformers only warns when a model (remote code) cannot switch; packing must not go on.
-    if model.config._attn_implementation != wanted:
+    if language_model.config._attn_implementation != wanted:
         raise ConfigError(
-            f"{type(model).__name__} did not switch its attention to `{wanted}`",
+            f"{type(language_model).__name__} did not switch its attention to `{wanted}`",
             where="data.packing",
             hint="this architecture does not use transformers' AttentionInterface; set data.packing: false",
         )

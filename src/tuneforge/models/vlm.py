@@ -170,6 +170,12 @@ def _is_transformers_model(language_model: torch.nn.Module) -> bool:
 
 def _as_llava(language_model: PreTrainedModel, tower: PreTrainedModel, settings: dict[str, Any]) -> LlavaForConditionalGeneration:
     """LLaVA around the loaded modules: built empty on `meta`, then the real parts moved in."""
+    # LLaVA's config and init reset the sub-configs (the loaded modules' own) to the default
+    # attention: keep what loading chose (`model.attn_implementation`).
+    attention = {
+        "text_config": language_model.config._attn_implementation,
+        "vision_config": tower.config._attn_implementation,
+    }
     config = LlavaConfig(
         vision_config=tower.config,
         text_config=language_model.config,
@@ -181,6 +187,7 @@ def _as_llava(language_model: PreTrainedModel, tower: PreTrainedModel, settings:
         config.text_config.output_router_logits = False
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
+    model.set_attn_implementation(attention)
     model.model.vision_tower = tower
     model.model.language_model = language_model.base_model
     model.lm_head = language_model.get_output_embeddings()

@@ -277,12 +277,14 @@ def _setup_model(
 
 
 def _collator(config: Config, args: transformers.TrainingArguments, tokenizer: Any, datasets: Datasets) -> Any:
-    if datasets.images is not None:
-        args.remove_unused_columns = False  # the image paths must reach the collator
-        return ImageCollator(tokenizer, datasets.images.processor)
     if config.data.packing:
-        return PackedCollator()
-    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
+        text = PackedCollator()
+    else:
+        text = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
+    if datasets.images is None:
+        return text
+    args.remove_unused_columns = False  # the image paths must reach the collator
+    return ImageCollator(text, datasets.images.processor)
 
 
 def _build_trainer(
