@@ -334,7 +334,8 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint
     import time
 
     config = write_config(tmp_path, tiny_model_dir, "run", train={"max_steps": 400})
-    env = dict(os.environ, PYTHONPATH=str(Path(tuneforge.__file__).parents[1]))
+    # PYTHONFAULTHANDLER: a hang is reported with every worker thread's stack (SIGABRT below).
+    env = dict(os.environ, PYTHONPATH=str(Path(tuneforge.__file__).parents[1]), PYTHONFAULTHANDLER="1")
     launcher = subprocess.Popen(
         [sys.executable, "-m", "tuneforge.cli.main", "train", str(config), "--nproc-per-node", "2"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -346,8 +347,16 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint
         time.sleep(0.05)
     worker = _worker_with_rank(launcher, 1)
     assert worker is not None, "no worker process with RANK=1"
+    workers = [_worker_with_rank(launcher, 0), worker]
     os.kill(worker, signal.SIGTERM)  # only rank 1 hears it: rank 0 learns through the all-reduce
-    output, _ = launcher.communicate(timeout=240)
+    try:
+        output, _ = launcher.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        for pid in workers:  # faulthandler prints where each worker is stuck, then they end
+            if pid is not None:
+                os.kill(pid, signal.SIGABRT)
+        output, _ = launcher.communicate(timeout=60)
+        pytest.fail(f"the ranks did not stop within 240 s of the signal; their stacks:\n{output[-12000:]}")
     assert launcher.returncode == 0, output[-3000:]
     stopped = max(json.loads(line)["step"] for line in metrics.read_text().splitlines())
     assert 3 <= stopped < 400
@@ -355,3 +364,23 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint
     assert read_manifest(tmp_path / "run" / f"checkpoint-{stopped}")["world_size"] == 2
     assert output.count(f"stopped by SIGTERM at step {stopped}") >= 1
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_a_worker_process_runs_its_exit_hooks_and_ends_without_interpreter_teardown():
+    """`exit_process`: exit hooks (wandb, MLflow) run, then the process ends with the code given,
+    before the interpreter would destroy torch's process group (which can hang or abort)."""
+    script = (
+        "import atexit, os\n"
+        "os.environ['WORLD_SIZE'] = '2'\n"
+        "atexit.register(lambda: print('exit hook ran', flush=True))\n"
+        "class Teardown:\n"
+        "    def __del__(self):\n"
+        "        print('teardown ran', flush=True)\n"
+        "kept = Teardown()\n"
+        "from tuneforge.cli.main import exit_process\n"
+        "exit_process(3)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(tuneforge.__file__).parents[1]))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "exit hook ran" in proc.stdout and "teardown ran" not in proc.stdout

@@ -7,9 +7,11 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import sys
+from typing import NoReturn
 
 from tuneforge import __version__
 from tuneforge.cli import (
@@ -91,5 +93,29 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def exit_process(code: int) -> NoReturn:
+    """End the `tuneforge` process with `code`.
+
+    A worker of a multi-process run (WORLD_SIZE > 1) skips the interpreter's teardown after
+    running the exit hooks (wandb, MLflow): there torch's gloo process group is destroyed while
+    its worker threads may still be releasing a finished collective's tensors, which needs the
+    lock the destroying thread holds (seen in CI: a rank hung in ~ProcessGroupGloo after a clean
+    stop), or aborts ("terminate called without an active exception"). By then the run has
+    written, closed and fsynced everything it keeps.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        atexit._run_exitfuncs()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def entry_point() -> NoReturn:
+    """The `tuneforge` console script."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()

@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -54,27 +52,20 @@ class Ranks:
         return self.rank == 0
 
 
-@contextmanager
-def process_group(section: DistributedConfig, ranks: Ranks) -> Iterator[None]:
-    """Join the other ranks for the block, with `distributed.timeout_minutes` on every collective.
+def start_process_group(section: DistributedConfig, ranks: Ranks) -> None:
+    """Join the other ranks, with `distributed.timeout_minutes` on every collective.
 
     Started here rather than by `TrainingArguments`: transformers passes `ddp_timeout` on to
     accelerate only for GPU runs (with `use_cpu` the default 30 minutes stays), and the run
     directory needs a barrier before the Trainer exists. accelerate adopts the existing group.
-    A group this block started is destroyed when it ends, however it ends: one left for the
-    interpreter's exit can abort the process ("terminate called without an active exception")
-    after a run that succeeded or stopped cleanly.
+    It is not destroyed when the run ends: see `tuneforge.cli.main.exit_process` for why a
+    worker process ends without tearing it down.
     """
     if ranks.world_size == 1 or torch.distributed.is_initialized():
-        yield
         return
     if torch.cuda.is_available():
         torch.cuda.set_device(ranks.local_rank)  # NCCL binds each rank to its own GPU
     torch.distributed.init_process_group(timeout=timedelta(minutes=section.timeout_minutes))
-    try:
-        yield
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def barrier() -> None:
@@ -288,7 +279,7 @@ __all__ = [
     "engine_arguments",
     "export_shapes",
     "planned_engine",
-    "process_group",
+    "start_process_group",
     "use_full_state_dict",
     "verify_export",
 ]

@@ -60,7 +60,11 @@ from tuneforge.models.vlm import (
 )
 from tuneforge.plan.estimate import Strategy, matmul_peak_tflops, model_flops_per_token
 from tuneforge.plan.planner import check_before_training
-from tuneforge.train.callbacks import MetricsLogger, TrainingProgress, report_after_metrics
+from tuneforge.train.callbacks import (
+    MetricsLogger,
+    TrainingProgress,
+    report_after_metrics,
+)
 from tuneforge.train.checkpoints import estimate_save_bytes
 from tuneforge.train.distributed import (
     Ranks,
@@ -71,21 +75,18 @@ from tuneforge.train.distributed import (
     engine_arguments,
     export_shapes,
     planned_engine,
-    process_group,
+    start_process_group,
     use_full_state_dict,
     verify_export,
 )
 from tuneforge.train.eval_callback import EvalTasksCallback
+from tuneforge.train.preemption import install_preemption_handlers, raise_if_preempted
 from tuneforge.train.preference import (
     build_preference_trainer,
     check_rewards,
     preference_arguments,
     preference_report,
 )
-from tuneforge.train.preemption import install_preemption_handlers, raise_if_preempted
-from tuneforge.train.speed import plan_speed
-from tuneforge.train.spike import count_rollbacks
-from tuneforge.train.watchdog import StallWatchdog
 from tuneforge.train.run_dir import (
     check_disk_space,
     check_resume_data,
@@ -95,8 +96,16 @@ from tuneforge.train.run_dir import (
     trim_metrics,
     write_run_metadata,
 )
-from tuneforge.train.summary import RunResult, print_summary, write_report, write_summary
+from tuneforge.train.speed import plan_speed
+from tuneforge.train.spike import count_rollbacks
+from tuneforge.train.summary import (
+    RunResult,
+    print_summary,
+    write_report,
+    write_summary,
+)
 from tuneforge.train.trainer import TuneforgeTrainer
+from tuneforge.train.watchdog import StallWatchdog
 
 
 def _watchdog(config: Config) -> list[TrainerCallback]:
@@ -349,12 +358,8 @@ def train(
     config = load_config(config, overrides)
     preflight(config.model)  # before anything is written or loaded
     ranks = Ranks.from_env()
-    with process_group(config.distributed, ranks):
-        return _train(config, ranks, callbacks)
-
-
-def _train(config: Config, ranks: Ranks, callbacks: list[TrainerCallback] | None) -> RunResult:
     run_dir = Path(config.output.dir)  # type: ignore[arg-type]
+    start_process_group(config.distributed, ranks)
     args = _build_training_arguments(config, run_dir)
     if ranks.is_main:  # one process creates, clears and writes the run directory; the others wait
         prepare_run_dir(config.output)
