@@ -63,5 +63,8 @@ class GatherLiveWeights(TrainerCallback):
 if __name__ == "__main__":
     from tuneforge.train import train
 
+    from tuneforge.cli.main import exit_process
+
     config, out = sys.argv[1], Path(sys.argv[2])
     train(config, callbacks=[GatherLiveWeights(out)])
+    exit_process(0)  # as `tuneforge train` workers end: no interpreter teardown of the process group

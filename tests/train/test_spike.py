@@ -442,4 +442,7 @@ def test_under_fsdp_a_spike_restores_the_sharded_weights(tmp_path, tiny_model_di
 
 
 if __name__ == "__main__":
+    from tuneforge.cli.main import exit_process
+
     {"ddp": _ddp_worker, "fsdp": _fsdp_worker}[sys.argv[1]](*sys.argv[2:])
+    exit_process(0)  # as `tuneforge train` workers end: no interpreter teardown of the process group
