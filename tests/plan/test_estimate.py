@@ -146,3 +146,25 @@ def test_predicted_peaks_are_within_15_percent_of_the_h200_measurements():
         estimate = estimate_memory(models[shape, lora], tokens, liger=liger, quantization=quantization)
         predicted = estimate.total(every, offload) / GIB
         assert predicted == pytest.approx(measured, rel=0.15), (shape, lora, quantization, every, offload, liger)
+
+
+def test_a_quantized_moe_plan_says_its_fused_experts_stay_in_16_bits(tmp_path, tiny_model_dir):
+    from transformers import MixtralConfig
+
+    from tuneforge.plan.planner import PlanOptions, plan_config
+
+    mixtral = tmp_path / "tiny-mixtral"
+    MixtralConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+    ).save_pretrained(str(mixtral))
+    settings = recipe_config(tmp_path, tiny_model_dir)
+    settings["model"] = {"path": str(mixtral), "init": "random", "quantization": "4bit"}
+    settings["method"] = {"name": "lora", "r": 4}
+    plan = plan_config(load_config(settings), PlanOptions(tokens=1000))
+    experts = 2 * 4 * (2 * 96 * 64 + 64 * 96) * 2  # layers x experts x (gate_up + down) x bf16 bytes
+    assert f"fused MoE experts ({experts / GIB:.1f} GiB" in plan.table() and plan.to_json()["notes"]
+    # Counted in 16 bits: the weights hold the experts' bf16 bytes on top of the quantized rest.
+    assert plan.estimate.weights > experts
+    dense = plan_config(load_config({**settings, "model": {**settings["model"], "path": str(tiny_model_dir)}}), PlanOptions(tokens=1000))
+    assert dense.notes == []

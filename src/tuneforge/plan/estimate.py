@@ -325,6 +325,13 @@ def _is_quantized_weight(model: torch.nn.Module, module: torch.nn.Module, name: 
     )
 
 
+def unquantized_expert_bytes(model: torch.nn.Module) -> int:
+    """Bytes of fused mixture-of-experts weights: parameters of three or more dimensions (one
+    matrix per expert, as transformers 5 stores Mixtral's and Qwen-MoE's experts). bitsandbytes
+    quantizes `nn.Linear` layers only, so with a 4/8-bit base these stay in 16 bits."""
+    return sum(p.numel() * p.element_size() for name, p in model.named_parameters() if p.dim() >= 3 and "lora_" not in name)
+
+
 def weight_bytes(model: torch.nn.Module, quantization: str = "none") -> int:
     """Bytes of the weights; with `quantization` (4bit, 8bit) the linear layers' as bitsandbytes
     stores them, whether `model` is already quantized or a 16-bit (meta) model to plan for."""
@@ -434,5 +441,6 @@ __all__ = [
     "model_flops_per_token",
     "optimizer_state_bytes",
     "recompute_flops_per_token",
+    "unquantized_expert_bytes",
     "weight_bytes",
 ]

@@ -32,6 +32,7 @@ from tuneforge.plan.estimate import (
     estimate_memory,
     flops_per_token,
     recompute_flops_per_token,
+    unquantized_expert_bytes,
 )
 from tuneforge.train.speed import plan_activations, resolve_liger
 
@@ -62,6 +63,7 @@ class Plan:
     train_tokens: int | None
     seconds: float | None
     suggestions: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def peak(self) -> int:
@@ -94,6 +96,7 @@ class Plan:
             "train_tokens": self.train_tokens,
             "estimated_seconds": self.seconds,
             "suggestions": self.suggestions,
+            "notes": self.notes,
         }
 
     def table(self) -> str:
@@ -119,6 +122,7 @@ class Plan:
                                   f"{s['utilisation']:.0%} of {s['peak_tflops']:.0f} TFLOP/s per GPU")))
         width = max(len(name) for name, _ in rows)
         lines = [f"{name:<{width}}  {value}" for name, value in rows]
+        lines += [f"note: {note}" for note in self.notes]
         if self.suggestions:
             lines.append("to fit:" if not self.fits else "other options:")
             lines += [f"  - {suggestion}" for suggestion in self.suggestions]
@@ -278,6 +282,12 @@ def plan_config(config: Config, options: PlanOptions | None = None) -> Plan:
         shape, config, options, setup, weight_gradients, estimate.recomputed_layers(recompute_every)
     )
     plan = Plan(setup, count_parameters(model), estimate, recompute_every, offload, gpu_memory, per_token, tokens, seconds)
+    experts = unquantized_expert_bytes(model) if quantization != "none" else 0
+    if experts:
+        plan.notes.append(
+            f"bitsandbytes quantizes linear layers only: this model's fused MoE experts ({experts / GIB:.1f} GiB, "
+            f"3-D parameters) stay in {setup['dtype']}, counted so in the weights above"
+        )
     if not plan.fits:
         plan.suggestions = _suggestions(config, model, options, estimate, strategy, liger, quantization, gpu_memory)
     return plan
