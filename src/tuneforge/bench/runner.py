@@ -165,7 +165,16 @@ def run_bench(options: BenchOptions) -> list[dict[str, Any]]:
     peak = matmul_peak_tflops()
     if peak:
         print(f"[bench] bf16 matmul peak on this GPU: {peak:.0f} TFLOP/s", flush=True)
-    results = []
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+    def write_output() -> None:
+        if options.output is not None:
+            options.output.write_text(
+                json.dumps({"device": device, "matmul_peak_tflops": peak, "results": results}, indent=1) + "\n",
+                encoding="utf-8",
+            )
+
+    results: list[dict[str, Any]] = []
     for case in cases:
         for system in options.systems:
             reason = runs_on(system, case, options.peers_path)
@@ -173,8 +182,9 @@ def run_bench(options: BenchOptions) -> list[dict[str, Any]]:
                 results.append(run_one(case, system, options))
             else:
                 results.append({"case": case.name, "system": system, "status": f"skipped: {reason}"})
-    add_ratios(results, peak)
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+            # After every run: a long benchmark cut short keeps what finished.
+            add_ratios(results, peak)
+            write_output()
     import transformers
 
     print(f"\ndevice: {device}; torch {torch.__version__}; transformers {transformers.__version__}")
@@ -184,11 +194,6 @@ def run_bench(options: BenchOptions) -> list[dict[str, Any]]:
             for name, seconds in row.get("profile_top_other", []):
                 print(f"      other: {seconds * 1000:8.1f} ms  {name}")
     print(format_table(results), flush=True)
-    if options.output is not None:
-        options.output.write_text(
-            json.dumps({"device": device, "matmul_peak_tflops": peak, "results": results}, indent=1) + "\n",
-            encoding="utf-8",
-        )
     return results
 
 
