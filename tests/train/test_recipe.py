@@ -168,3 +168,23 @@ def test_resuming_on_changed_data_is_refused_unless_allowed(tmp_path, tiny_model
     assert "output.resume_on_changed_data=true" in str(error.value)
     result = train(longer, overrides=["output.resume=auto", "output.resume_on_changed_data=true"])
     assert result.resumed_from == str(checkpoint) and result.global_step == 4
+
+
+def test_one_process_on_several_gpus_trains_on_the_first_without_data_parallel(tmp_path, capsys):
+    """On a 2-GPU machine without a launcher the Trainer would wrap the model in DataParallel
+    (n_gpu > 1), which broke tuneforge's forward ("index is on cuda:1"). Simulated here by
+    setting what the Trainer read from `torch.cuda.device_count()`."""
+    import transformers
+
+    from tuneforge.train.recipe import one_gpu_per_process
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    _ = args.device
+    args._n_gpu = 2
+    assert one_gpu_per_process(args).n_gpu == 1
+    out = capsys.readouterr().out
+    assert "2 GPUs visible to one process" in out and "--nproc-per-node 2" in out
+    # One GPU (or none): nothing changes and nothing is said.
+    args._n_gpu = 1
+    assert one_gpu_per_process(args).n_gpu == 1
+    assert capsys.readouterr().out == ""

@@ -76,6 +76,11 @@ def run_one(case: Case, system: str, options: BenchOptions) -> dict[str, Any]:
     if system == "unsloth":
         environment["PYTHONPATH"] = os.pathsep.join([options.peers_path or "", environment.get("PYTHONPATH", "")])
     worker = ["tuneforge.bench.worker", system, str(case_path), str(options.work), str(result_path)]
+    if case.nproc == 1:
+        # A one-GPU case sees one GPU: plain HF's Trainer would otherwise spread it over all of
+        # them with DataParallel.
+        visible = environment.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+        environment["CUDA_VISIBLE_DEVICES"] = visible or "0"
     if case.nproc > 1:
         from tuneforge.train.launch import resolve_rendezvous, torchrun_arguments
 

@@ -129,13 +129,31 @@ def _build_training_arguments(config: Config, run_dir: Path) -> transformers.Tra
     runtime.update(engine_arguments(config.distributed, Ranks.from_env().world_size))
     try:
         args = to_training_arguments(config.train, str(run_dir), disable_tqdm=True, **runtime)
-        return preference_arguments(config, args) if isinstance(config.method, PreferenceMethod) else args
+        args = preference_arguments(config, args) if isinstance(config.method, PreferenceMethod) else args
     except (ValueError, ImportError) as exc:
         raise ConfigError(
             str(exc).strip().splitlines()[0],
             where="train",
             hint="transformers rejected this combination of train settings",
         ) from None
+    return one_gpu_per_process(args)
+
+
+def one_gpu_per_process(args: transformers.TrainingArguments) -> transformers.TrainingArguments:
+    """One process sees several GPUs: train on the first, not through `nn.DataParallel`.
+
+    Without a launcher the Trainer splits each batch over every visible GPU with DataParallel,
+    which is slower than DDP and breaks models whose forward is not replica-safe (Liger's fused
+    loss, tied or packed inputs: "index is on cuda:1"). The Trainer turns DataParallel off the
+    same way for model-parallel models (`args._n_gpu = 1`).
+    """
+    if args.n_gpu > 1:
+        _say(
+            f"{args.n_gpu} GPUs visible to one process: training on {args.device} only. "
+            f"`tuneforge train CONFIG --nproc-per-node {args.n_gpu}` trains on all of them (DDP)"
+        )
+        args._n_gpu = 1
+    return args
 
 
 def _attach_input_grads_for_checkpointing(model: Any, args: transformers.TrainingArguments) -> None:
