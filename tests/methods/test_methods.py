@@ -116,3 +116,21 @@ def test_lora_unknown_target_module_is_explained(tiny_model_dir):
     with pytest.raises(MethodError) as info:
         prepare_model(LoraMethod(target_modules=["query_key_value"]), model)
     assert "q_proj" in str(info.value)  # the hint lists this model's linear layer names
+
+
+def test_parameters_partitioned_by_zero3_are_counted_at_their_full_size():
+    """Under DeepSpeed ZeRO-3 the model is partitioned while it loads: each parameter's tensor is
+    empty and `ds_numel` holds its size. Counting `numel()` found nothing to train and stopped
+    the 8B ZeRO-3 run with "no parameter would train"."""
+    import torch
+
+    from tuneforge.methods.prepare import count_parameters
+    from tuneforge.train.checkpoints import estimate_save_bytes
+
+    layer = torch.nn.Linear(4, 3)
+    for parameter in layer.parameters():
+        parameter.ds_numel = parameter.numel()
+        parameter.data = torch.empty(0)  # what a ZeRO-3 partition leaves on a rank
+    counts = count_parameters(layer)
+    assert (counts.trainable, counts.total) == (15, 15)
+    assert estimate_save_bytes(layer, save_only_model=True) == 15 * 4

@@ -11,12 +11,14 @@ which needs the live model and so cannot be added from the command line. Written
   and at the end of training (N = the last step): what each save must reload equal to.
 - `sharding-rank-R.json`: for rank R during the first step, how many parameters were DTensors
   and how many values the rank held locally, against the model's full count.
+- `returned-rank-R.json`: when `train()` returned on rank R.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -67,4 +69,5 @@ if __name__ == "__main__":
 
     config, out = sys.argv[1], Path(sys.argv[2])
     train(config, callbacks=[GatherLiveWeights(out)])
+    (out / f"returned-rank-{torch.distributed.get_rank()}.json").write_text(json.dumps({"time": time.time()}))
     exit_process(0)  # as `tuneforge train` workers end: no interpreter teardown of the process group

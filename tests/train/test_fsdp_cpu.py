@@ -127,6 +127,11 @@ def test_full_fine_tuning_is_sharded_and_its_checkpoint_and_export_equal_the_gat
     assert_same(sharded_checkpoint(run / f"checkpoint-{STEPS}", tmp_path), final, "last checkpoint")
     exported = AutoModelForCausalLM.from_pretrained(str(run / "model")).state_dict()
     assert_same(exported, final, "export")
+    # No rank left train() while rank 0 still wrote the export: a rank that exits with its part
+    # of the (asynchronous, on NCCL) final gather in flight leaves rank 0 waiting for ever.
+    written = max(path.stat().st_mtime for path in (run / "model").iterdir())
+    returned = json.loads((recorded / "returned-rank-1.json").read_text())["time"]
+    assert returned >= written
 
 
 @needs_fsdp_on_cpu

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -93,12 +94,17 @@ def run_one(case: Case, system: str, options: BenchOptions) -> dict[str, Any]:
     log = logs / f"{system}-{case.name}.log"
     print(f"[bench] {case.name} / {system} ...", flush=True)
     started = time.perf_counter()
-    try:
-        with log.open("w", encoding="utf-8") as handle:
-            process = subprocess.run(command, env=environment, stdout=handle, stderr=subprocess.STDOUT, timeout=options.timeout_s)
-        status = "ok" if process.returncode == 0 and result_path.exists() else f"failed (exit {process.returncode})"
-    except subprocess.TimeoutExpired:
-        status = f"timed out after {options.timeout_s} s"
+    with log.open("w", encoding="utf-8") as handle:
+        # Its own process group: a timeout stops torchrun's workers too, which would otherwise
+        # keep their GPU memory through the next cases.
+        process = subprocess.Popen(command, env=environment, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            returncode = process.wait(timeout=options.timeout_s)
+            status = "ok" if returncode == 0 and result_path.exists() else f"failed (exit {returncode})"
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            status = f"timed out after {options.timeout_s} s"
     wall = time.perf_counter() - started
     if status != "ok":
         tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:] if log.exists() else []

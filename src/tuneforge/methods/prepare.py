@@ -14,6 +14,7 @@ from tuneforge.errors import MethodError
 from tuneforge.methods.freeze import apply_freeze
 from tuneforge.methods.lora import apply_lora
 from tuneforge.methods.qat import prepare_qat
+from tuneforge.models.parameters import full_numel
 
 
 @dataclass(frozen=True)
@@ -29,9 +30,9 @@ class ParameterCounts:
 def count_parameters(model: torch.nn.Module) -> ParameterCounts:
     trainable = total = 0
     for parameter in model.parameters():
-        total += parameter.numel()
+        total += full_numel(parameter)
         if parameter.requires_grad:
-            trainable += parameter.numel()
+            trainable += full_numel(parameter)
     return ParameterCounts(trainable, total)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from tuneforge.errors import ConfigError
+from tuneforge.models.parameters import full_numel
 
 GIB = 2**30
 # Allocated beyond the tensors counted below (cuBLAS workspaces, rotary tables, the loss, the
@@ -269,7 +270,7 @@ class MemoryEstimate:
 def _decoder_layers(model: torch.nn.Module, layers: int) -> list[torch.nn.Module]:
     """The repeated decoder blocks: the largest ModuleList of `layers` entries."""
     lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == layers]
-    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()), default=[])
+    return max(lists, key=lambda m: sum(full_numel(p) for p in m.parameters()), default=[])
 
 
 def _lora_modules(layer: torch.nn.Module) -> list[torch.nn.Module]:
@@ -329,14 +330,14 @@ def unquantized_expert_bytes(model: torch.nn.Module) -> int:
     """Bytes of fused mixture-of-experts weights: parameters of three or more dimensions (one
     matrix per expert, as transformers 5 stores Mixtral's and Qwen-MoE's experts). bitsandbytes
     quantizes `nn.Linear` layers only, so with a 4/8-bit base these stay in 16 bits."""
-    return sum(p.numel() * p.element_size() for name, p in model.named_parameters() if p.dim() >= 3 and "lora_" not in name)
+    return sum(full_numel(p) * p.element_size() for name, p in model.named_parameters() if p.dim() >= 3 and "lora_" not in name)
 
 
 def weight_bytes(model: torch.nn.Module, quantization: str = "none") -> int:
     """Bytes of the weights; with `quantization` (4bit, 8bit) the linear layers' as bitsandbytes
     stores them, whether `model` is already quantized or a 16-bit (meta) model to plan for."""
     if quantization == "none":
-        return sum(p.numel() * p.element_size() for p in model.parameters())
+        return sum(full_numel(p) * p.element_size() for p in model.parameters())
     quantized: set[int] = set()
     total = 0
     for name, module in model.named_modules():
@@ -350,7 +351,7 @@ def weight_bytes(model: torch.nn.Module, quantization: str = "none") -> int:
     for parameter in model.parameters():
         if id(parameter) not in quantized and id(parameter) not in seen:
             seen.add(id(parameter))
-            total += parameter.numel() * parameter.element_size()
+            total += full_numel(parameter) * parameter.element_size()
     return total
 
 
@@ -392,8 +393,8 @@ def estimate_memory(
     gradients = optimizer = 0
     for parameter in model.parameters():
         if parameter.requires_grad:
-            gradients += parameter.numel() * parameter.element_size()
-            optimizer += optimizer_state_bytes(optim, parameter.numel(), parameter.element_size())
+            gradients += full_numel(parameter) * parameter.element_size()
+            optimizer += optimizer_state_bytes(optim, full_numel(parameter), parameter.element_size())
 
     # A layer before which nothing trains passes no gradient back and saves nothing.
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None

@@ -31,6 +31,7 @@ from typing import Any
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from tuneforge.errors import TuneforgeError
+from tuneforge.models.parameters import full_numel
 
 MANIFEST = "tuneforge_checkpoint.json"
 PARTIAL_PREFIX = ".partial-"
@@ -205,9 +206,9 @@ def estimate_save_bytes(model: Any, save_only_model: bool) -> int:
     saved = trainable = 0
     for parameter in model.parameters():
         if parameter.requires_grad:
-            trainable += parameter.numel()
+            trainable += full_numel(parameter)
         if parameter.requires_grad or not adapter_only:
-            saved += parameter.numel() * parameter.element_size()
+            saved += full_numel(parameter) * parameter.element_size()
     return saved if save_only_model else saved + 2 * 4 * trainable
 
 

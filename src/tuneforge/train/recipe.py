@@ -426,6 +426,9 @@ def train(
         measured = _fit(trainer, resume, datasets.eval is not None)
 
     model_dir = _save_final(config, trainer, tokenizer, datasets, run_dir, base_dir, model_class)
+    # No rank leaves before the others are done with it: the final gather is asynchronous on NCCL,
+    # and a rank that exits with its part still in flight leaves rank 0 waiting for ever.
+    barrier()
     result = RunResult(
         run_dir=run_dir,
         model_dir=model_dir,

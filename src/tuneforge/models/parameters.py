@@ -1,0 +1,18 @@
+"""The size of a parameter, whichever engine holds it.
+
+Under DeepSpeed ZeRO-3 a model is partitioned while it loads (`deepspeed.zero.Init`): each
+parameter's own tensor is empty on every rank and its full size is kept in `ds_numel`. Counting
+`numel()` there finds nothing to train and plans for no memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def full_numel(parameter: torch.Tensor) -> int:
+    """Values of the whole parameter (all shards). FSDP2's DTensors report it already."""
+    return getattr(parameter, "ds_numel", None) or parameter.numel()
+
+
+__all__ = ["full_numel"]
