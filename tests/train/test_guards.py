@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,19 @@ def test_describe_batch_and_gradients_are_finite(tokenizer):
     assert gradients_are_finite([])
     with pytest.raises(ValueError):
         NonFiniteGuard(-1)
+
+
+def test_ranks_agree_on_the_process_device_when_no_gradient_is_visible(monkeypatch):
+    """Under DeepSpeed ZeRO the parameters carry no `.grad` (the engine keeps the gradients);
+    the ranks' vote then went to a CPU tensor, which NCCL refuses ("No backend type associated
+    with device type cpu") and stopped the 8B ZeRO-3 run at its first step."""
+    from types import SimpleNamespace
+
+    voted_on = []
+    guards = sys.modules[NonFiniteGuard.__module__]
+    monkeypatch.setattr(guards, "_any_rank", lambda flag, device: voted_on.append(device) or flag)
+    args = SimpleNamespace(device=torch.device("cuda", 1))  # rank 1's device; nothing is allocated
+    model = nn.Linear(2, 2)  # no backward run: every .grad is None, as under ZeRO
+    guard = NonFiniteGuard()
+    guard.on_pre_optimizer_step(args, None, None, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    assert voted_on == [torch.device("cuda", 1)]

@@ -145,8 +145,9 @@ class NonFiniteGuard(TrainerCallback):
         model, optimizer = kwargs.get("model"), kwargs.get("optimizer")
         gradients = _gradients(model, optimizer)
         grads_ok = gradients_are_finite(gradients) if self.check_gradients else True
-        device = gradients[0].device if gradients else torch.device("cpu")
-        if not _any_rank(self._loss_is_bad or not grads_ok, device):
+        # The process's own device, not a gradient's: DeepSpeed ZeRO keeps gradients in its own
+        # buffers (no `.grad`), and NCCL has no CPU tensors.
+        if not _any_rank(self._loss_is_bad or not grads_ok, args.device):
             self._reset()
             return
         step = state.global_step + 1
