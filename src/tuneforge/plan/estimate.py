@@ -159,6 +159,9 @@ class Strategy:
     shard_weights: bool = False
     offload_optimizer: bool = False
     offload_weights: bool = False
+    # accelerate's FSDP2 under mixed precision upcasts the trainable parameters to fp32 (master
+    # weights; each layer is cast to bf16 for compute): their gradients and optimizer state follow.
+    fp32_master: bool = False
 
     NAMES = ("ddp", "zero1", "zero2", "zero3", "fsdp", "zero2-offload", "zero3-offload", "fsdp-offload")
 
@@ -183,6 +186,15 @@ class Strategy:
             offload_weights=bool(offload) and stage >= 3,
         )
 
+    def with_precision_of(self, config: Any) -> Strategy:
+        """This strategy under `config`'s precision: FSDP with bf16/fp16 mixed precision keeps
+        fp32 master weights."""
+        distributed = getattr(config, "distributed", None)
+        mixed = bool(config.train.bf16 or config.train.fp16) or (
+            distributed is not None and distributed.mixed_precision in ("bf16", "fp16")
+        )
+        return replace(self, fp32_master=self.name.startswith("fsdp") and mixed)
+
     @classmethod
     def from_config(cls, config: Any) -> Strategy:
         """The strategy the `distributed` section chooses, else what `train.fsdp` / `train.deepspeed` ask for."""
@@ -191,7 +203,7 @@ class Strategy:
             return cls.from_train(config.train)
         offload = distributed.offload_optimizer or distributed.offload_params
         if distributed.strategy == "fsdp":
-            return cls.parse("fsdp-offload" if offload else "fsdp")
+            return cls.parse("fsdp-offload" if offload else "fsdp").with_precision_of(config)
         stage = distributed.zero_stage
         return cls.parse(f"zero{stage}" + ("-offload" if offload and stage >= 2 else ""))
 
@@ -372,6 +384,7 @@ def estimate_memory(
     compute_16bit: bool = True,
     optim: str = "adamw_torch",
     gradient_accumulation: int = 1,
+    fp32_master: bool = False,
 ) -> MemoryEstimate:
     """Estimate a decoder-only transformer's training memory for `tokens` per micro-batch.
 
@@ -383,6 +396,7 @@ def estimate_memory(
         compute_16bit: bf16/fp16 compute (16-bit weights, or autocast); False for fp32.
         optim: `train.optim`, for the optimizer state's size.
         gradient_accumulation: above 1, the gradients stay allocated through the forward passes.
+        fp32_master: the engine holds the trainable parameters in fp32 (`Strategy.fp32_master`).
     """
     shape = ModelShape.from_config(getattr(model, "config", None))
     if quantization is None:
@@ -390,11 +404,13 @@ def estimate_memory(
             "8bit" if getattr(model, "is_loaded_in_8bit", False) else "none"
         )
     element = 2 if compute_16bit else 4
-    gradients = optimizer = 0
+    gradients = optimizer = upcast = 0
     for parameter in model.parameters():
         if parameter.requires_grad:
-            gradients += full_numel(parameter) * parameter.element_size()
-            optimizer += optimizer_state_bytes(optim, full_numel(parameter), parameter.element_size())
+            size = 4 if fp32_master and parameter.is_floating_point() else parameter.element_size()
+            gradients += full_numel(parameter) * size
+            optimizer += optimizer_state_bytes(optim, full_numel(parameter), size)
+            upcast += full_numel(parameter) * (size - parameter.element_size())
 
     # A layer before which nothing trains passes no gradient back and saves nothing.
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -418,7 +434,7 @@ def estimate_memory(
         output_layer = 2 * tokens * shape.hidden * element + tokens * shape.vocab * (element + 4 + 4)  # logits, fp32, gradient
         head_gradient = 0
     return MemoryEstimate(
-        weights=weight_bytes(model, quantization),
+        weights=weight_bytes(model, quantization) + upcast,
         gradients=gradients,
         optimizer=optimizer,
         per_layer=saved * tokens * element,

@@ -218,7 +218,7 @@ def _suggestions(config: Config, model: torch.nn.Module, options: PlanOptions, e
         found.append(f"{setting}: {estimate.total(every, activations == 'offload') / GIB + CONTEXT_BYTES / GIB:.1f} GiB")
     micro_batch, accumulation = config.train.per_device_train_batch_size, config.train.gradient_accumulation_steps
     common = {"liger": liger, "quantization": quantization, "compute_16bit": computes_in_16bit(model, config.train),
-              "optim": str(config.train.optim)}
+              "optim": str(config.train.optim), "fp32_master": strategy.fp32_master}
     # The largest smaller micro-batch that fits with activations kept, else with recomputation.
     options_by_speed = [
         (every, label, smaller)
@@ -234,8 +234,10 @@ def _suggestions(config: Config, model: torch.nn.Module, options: PlanOptions, e
             break
     if options.gpus > 1:
         for name in ("fsdp", "zero3-offload"):
-            e = estimate_memory(model, micro_batch * config.data.max_length, gradient_accumulation=accumulation, **common)
-            gib = fits(e.sharded(Strategy.parse(name), options.gpus), 1)
+            other = Strategy.parse(name).with_precision_of(config)
+            e = estimate_memory(model, micro_batch * config.data.max_length, gradient_accumulation=accumulation,
+                                **{**common, "fp32_master": other.fp32_master})
+            gib = fits(e.sharded(other, options.gpus), 1)
             if gib and name != strategy.name:
                 found.append(f"--strategy {name} with speed.activations=recompute: {gib:.1f} GiB")
                 break
@@ -261,13 +263,13 @@ def plan_config(config: Config, options: PlanOptions | None = None) -> Plan:
     # Planned for a CUDA GPU; `auto` assumes Liger where it is installed here and has kernels for the model.
     model_type = getattr(model.config, "model_type", "")
     liger = config.speed.liger if config.speed.liger != "auto" else resolve_liger("auto", model_type, cuda=True)[0]
-    strategy = Strategy.parse(options.strategy) if options.strategy else Strategy.from_config(config)
+    strategy = Strategy.parse(options.strategy).with_precision_of(config) if options.strategy else Strategy.from_config(config)
     gpu_memory, peak_tflops = _gpu_defaults(options)
     micro_batch = config.train.per_device_train_batch_size
     estimate = estimate_memory(
         model, micro_batch * config.data.max_length, liger=liger, quantization=quantization,
         compute_16bit=computes_in_16bit(model, config.train), optim=str(config.train.optim),
-        gradient_accumulation=config.train.gradient_accumulation_steps,
+        gradient_accumulation=config.train.gradient_accumulation_steps, fp32_master=strategy.fp32_master,
     ).sharded(strategy, options.gpus)
     recompute_every, offload = _activation_policy(config, estimate, gpu_memory)
     setup = {

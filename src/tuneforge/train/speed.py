@@ -138,7 +138,7 @@ def plan_speed(
         plan.estimate = estimate_memory(
             model, tokens_per_micro_batch, liger=liger, compute_16bit=computes_in_16bit(model, train),
             optim=str(getattr(train, "optim", "adamw_torch")),
-            gradient_accumulation=getattr(train, "gradient_accumulation_steps", 1),
+            gradient_accumulation=getattr(train, "gradient_accumulation_steps", 1), fp32_master=sharding[0].fp32_master,
         ).sharded(*sharding)
     except ConfigError:
         if speed.activations == "auto" and cuda and not explicit_checkpointing:
