@@ -384,3 +384,28 @@ def test_a_worker_process_runs_its_exit_hooks_and_ends_without_interpreter_teard
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120, check=False)
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "exit hook ran" in proc.stdout and "teardown ran" not in proc.stdout
+
+
+def test_ddp_skips_the_unused_parameter_search_only_where_every_trained_parameter_gets_a_gradient(tmp_path):
+    """The Trainer has DDP search for unused parameters whenever checkpointing is off (a walk of
+    the autograd graph every step). Dense causal LMs turn it off; MoE and vision-language models,
+    where a step can leave experts or the vision tower without a gradient, keep it."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, MixtralConfig, TrainingArguments
+
+    from tuneforge.config.schema import DistributedConfig
+    from tuneforge.train.distributed import skip_unused_parameter_search
+
+    def decided(config, strategy="ddp", world_size=2, **train):
+        args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", **train)
+        skip_unused_parameter_search(args, SimpleNamespace(config=config), DistributedConfig(strategy=strategy), world_size)
+        return args.ddp_find_unused_parameters
+
+    dense = LlamaConfig()
+    assert decided(dense) is False
+    assert decided(MixtralConfig()) is None  # the Trainer's default stays
+    assert decided(SimpleNamespace(vision_config=object())) is None
+    assert decided(dense, ddp_find_unused_parameters=True) is True  # the user's setting wins
+    assert decided(dense, strategy="fsdp") is None
+    assert decided(dense, world_size=1) is None

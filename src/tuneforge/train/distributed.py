@@ -154,6 +154,23 @@ def use_full_state_dict(trainer: Any) -> None:
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
 
 
+def skip_unused_parameter_search(args: Any, model: Any, section: DistributedConfig, world_size: int) -> None:
+    """Turn off DDP's search for parameters that got no gradient, where every trained parameter
+    gets one at every step.
+
+    The Trainer turns the search on whenever gradient checkpointing is off; it walks the autograd
+    graph after every forward pass. Models where a step can leave trained parameters unused keep
+    it: mixture-of-experts (an expert that got no token) and vision-language models (a text-only
+    batch skips the vision tower). A `train.ddp_find_unused_parameters` the user set wins.
+    """
+    if section.strategy != "ddp" or world_size < 2 or args.ddp_find_unused_parameters is not None:
+        return
+    config = getattr(model, "config", None)
+    experts = any(getattr(config, key, None) for key in ("num_local_experts", "num_experts", "n_routed_experts"))
+    if not experts and getattr(config, "vision_config", None) is None:
+        args.ddp_find_unused_parameters = False
+
+
 def export_shapes(model: Any) -> dict[str, tuple[int, ...]]:
     """The name and full shape of each tensor the final save must hold, read from the live model.
 
@@ -279,6 +296,7 @@ __all__ = [
     "engine_arguments",
     "export_shapes",
     "planned_engine",
+    "skip_unused_parameter_search",
     "start_process_group",
     "use_full_state_dict",
     "verify_export",

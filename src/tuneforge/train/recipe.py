@@ -75,6 +75,7 @@ from tuneforge.train.distributed import (
     engine_arguments,
     export_shapes,
     planned_engine,
+    skip_unused_parameter_search,
     start_process_group,
     use_full_state_dict,
     verify_export,
@@ -293,6 +294,7 @@ def _setup_model(
         sharding=(Strategy.from_config(config), Ranks.from_env().world_size),
     )
     plan.apply(args)
+    skip_unused_parameter_search(args, model, config.distributed, Ranks.from_env().world_size)
     _say(plan.describe())
     _say(check_before_training(plan, args.device))
     _attach_input_grads_for_checkpointing(model, args)
