@@ -25,10 +25,17 @@ def train(config, overrides=None, callbacks=None):
     config = load_config(config, overrides)
     result = run_recipe(config, callbacks=callbacks)
     if getattr(config.method, "merge", False):
-        from tuneforge.infer.merge import merge_run
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-        report = merge_run(result.run_dir, result.run_dir / "merged")
-        print(f"[tuneforge] merged weights in {report.out_dir} (max logit gap {report.max_logit_gap:.2e})", flush=True)
+        from tuneforge.infer.merge import merge_run
+        from tuneforge.train.distributed import Ranks
+
+        if Ranks.from_env().is_main:  # one process writes merged/; the others are done
+            # The run's DeepSpeed ZeRO-3 config would make transformers load the base partitioned
+            # across processes that no longer take part: the merge loads it whole.
+            unset_hf_deepspeed_config()
+            report = merge_run(result.run_dir, result.run_dir / "merged")
+            print(f"[tuneforge] merged weights in {report.out_dir} (max logit gap {report.max_logit_gap:.2e})", flush=True)
     return result
 
 

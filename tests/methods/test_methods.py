@@ -134,3 +134,19 @@ def test_parameters_partitioned_by_zero3_are_counted_at_their_full_size():
     counts = count_parameters(layer)
     assert (counts.trainable, counts.total) == (15, 15)
     assert estimate_save_bytes(layer, save_only_model=True) == 15 * 4
+
+
+def test_the_vocabulary_of_a_zero3_partitioned_embedding_is_read_from_its_full_shape():
+    """`new_special_tokens` compared the tokenizer with `weight.shape[0]`, 0 under ZeRO-3: it
+    always resized, and on a padded vocabulary cut rows off."""
+    import torch
+
+    from tuneforge.models.parameters import embedding_rows
+
+    model = torch.nn.Module()
+    embeddings = torch.nn.Embedding(534, 8)
+    model.get_input_embeddings = lambda: embeddings
+    assert embedding_rows(model) == 534
+    embeddings.weight.ds_shape = embeddings.weight.shape
+    embeddings.weight.data = torch.empty(0)
+    assert embedding_rows(model) == 534

@@ -409,3 +409,17 @@ def test_ddp_skips_the_unused_parameter_search_only_where_every_trained_paramete
     assert decided(dense, ddp_find_unused_parameters=True) is True  # the user's setting wins
     assert decided(dense, strategy="fsdp") is None
     assert decided(dense, world_size=1) is None
+
+
+def test_a_two_rank_lora_run_with_merge_is_merged_once_by_rank_0(tmp_path, tiny_model_dir):
+    """`method.merge: true` ran the merge on every rank: under DDP both wrote the same folder
+    ("Unrecognized model in .../tuneforge_partial_*"), under ZeRO-3 each loaded the base
+    partitioned. Rank 0 alone merges now."""
+    from transformers import AutoModelForCausalLM
+
+    config = write_config(tmp_path, tiny_model_dir, "merged", method={"name": "lora", "r": 4, "merge": True})
+    finished = tuneforge_train(str(config), "--nproc-per-node", "2")
+    assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-3000:]
+    assert finished.stdout.count("merged weights in") == 1
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged" / "merged"))
+    assert not any("lora_" in name for name in merged.state_dict())

@@ -212,3 +212,14 @@ def test_ranks_agree_on_the_process_device_when_no_gradient_is_visible(monkeypat
     guard = NonFiniteGuard()
     guard.on_pre_optimizer_step(args, None, None, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     assert voted_on == [torch.device("cuda", 1)]
+
+
+def test_a_collators_batch_encoding_is_read_for_the_batch_it_names():
+    """Collators hand the Trainer a `BatchEncoding` (a Mapping, not a dict): the guard read "no
+    input_ids" from it and its error could not show the offending batch."""
+    from transformers import BatchEncoding
+
+    guard = NonFiniteGuard()
+    ids = torch.tensor([[POISON, 1, 2]])
+    assert guard.observe(torch.tensor(float("nan")), BatchEncoding({"input_ids": ids})) is False
+    assert guard._bad_loss_batch is ids

@@ -30,6 +30,7 @@ from transformers import (
 from tuneforge.config.schema import ModelConfig
 from tuneforge.config.targets import instantiate
 from tuneforge.errors import ModelError
+from tuneforge.models.parameters import embedding_rows
 from tuneforge.models.vlm import assemble_vlm, is_vlm_config
 
 logger = logging.getLogger(__name__)
@@ -316,7 +317,7 @@ def add_new_token_rows(model: torch.nn.Module, tokenizer: Any, config: ModelConf
     if not config.new_special_tokens:
         return []
     ids = tokenizer.convert_tokens_to_ids(config.new_special_tokens)
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    if len(tokenizer) > embedding_rows(model):
         # Mean of the old rows: new tokens start as an "average" token, not as noise.
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     return list(ids)

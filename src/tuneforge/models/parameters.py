@@ -15,4 +15,10 @@ def full_numel(parameter: torch.Tensor) -> int:
     return getattr(parameter, "ds_numel", None) or parameter.numel()
 
 
-__all__ = ["full_numel"]
+def embedding_rows(model: torch.nn.Module) -> int:
+    """Rows of the model's input embeddings (its vocabulary), whichever engine holds them."""
+    weight = model.get_input_embeddings().weight
+    return getattr(weight, "ds_shape", weight.shape)[0]
+
+
+__all__ = ["embedding_rows", "full_numel"]

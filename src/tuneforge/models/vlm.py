@@ -21,6 +21,8 @@ MLP; `linear` is the same two layers with the identity activation, a linear map 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,7 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 from tuneforge.config.schema import LoraMethod, ModelConfig, VisionConfig
 from tuneforge.data.images import ImageInputs
 from tuneforge.errors import ModelError
+from tuneforge.models.parameters import embedding_rows
 
 PROJECTOR_ACTIVATIONS = {"mlp2x_gelu": "gelu", "linear": "linear"}
 PROJECTOR = "multi_modal_projector"  # its module name in both layouts
@@ -168,6 +171,23 @@ def _is_transformers_model(language_model: torch.nn.Module) -> bool:
     return type(language_model).__module__.startswith("transformers.")
 
 
+@contextmanager
+def _without_zero3_init() -> Iterator[None]:
+    """Build an empty shell as under any other engine. With a DeepSpeed ZeRO-3 config active,
+    transformers builds every sub-model (`from_config`) inside `deepspeed.zero.Init` and then
+    initialises its weights gathered, which fails on `meta` ("Cannot copy out of meta tensor");
+    the parts moved in are partitioned already, and DeepSpeed partitions the new projector when
+    it wraps the model."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    kept = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = kept
+
+
 def _as_llava(language_model: PreTrainedModel, tower: PreTrainedModel, settings: dict[str, Any]) -> LlavaForConditionalGeneration:
     """LLaVA around the loaded modules: built empty on `meta`, then the real parts moved in."""
     # LLaVA's config and init reset the sub-configs (the loaded modules' own) to the default
@@ -185,7 +205,7 @@ def _as_llava(language_model: PreTrainedModel, tower: PreTrainedModel, settings:
     if hasattr(config.text_config, "output_router_logits"):
         # LLaVA's outputs have no place for router logits (Mixtral-style MoE): no router loss.
         config.text_config.output_router_logits = False
-    with torch.device("meta"):
+    with torch.device("meta"), _without_zero3_init():
         model = LlavaForConditionalGeneration(config)
     model.set_attn_implementation(attention)
     model.model.vision_tower = tower
@@ -215,7 +235,7 @@ def assemble_vlm(config: ModelConfig, language_model: PreTrainedModel, dtype: An
 
 def fit_to_tokenizer(model: PreTrainedModel, tokenizer: Any, images: ImageInputs) -> None:
     """Room for the image token in the embeddings, and its id in the config."""
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    if len(tokenizer) > embedding_rows(model):
         # The image token's row is never read (features replace it); mean init keeps it harmless.
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     model.config.image_token_id = images.image_token_id
@@ -360,7 +380,7 @@ class TuneforgeVlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
     def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> torch.nn.Embedding:
         embeddings = self.language_model.resize_token_embeddings(*args, **kwargs)
-        self.config.text_config.vocab_size = embeddings.weight.shape[0]
+        self.config.text_config.vocab_size = embedding_rows(self)
         return embeddings
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:

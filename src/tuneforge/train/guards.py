@@ -18,6 +18,7 @@ step whose batch had no trained token.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -122,7 +123,8 @@ class NonFiniteGuard(TrainerCallback):
         Returns:
             Whether the loss is finite.
         """
-        input_ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
+        # A collator's BatchEncoding is a Mapping, not a dict.
+        input_ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else None
         self._batches.append(input_ids)
         # A host sync per micro-batch; the Trainer's own NaN filter on the loss syncs here anyway.
         finite = bool(torch.isfinite(loss.detach()).all())

@@ -26,6 +26,7 @@ import torch
 import trl.trainer.grpo_trainer
 from datasets import Dataset
 from transformers import TrainerCallback, TrainingArguments
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, KTOConfig, KTOTrainer
 from trl.experimental.cpo import CPOConfig, CPOTrainer
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
@@ -226,8 +227,28 @@ def _reference_model(method: PreferenceMethod, model: torch.nn.Module) -> torch.
         needed = isinstance(method, (DpoMethod, KtoMethod)) and method.reference != "precompute"
     if not needed or isinstance(weights_method(method), LoraMethod):
         return None
-    reference = copy.deepcopy(model).eval()
+    reference = _zero3_copy(model) if is_deepspeed_zero3_enabled() else copy.deepcopy(model)
+    reference.eval()
     reference.requires_grad_(False)
+    return reference
+
+
+def _zero3_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a model that DeepSpeed ZeRO-3 partitioned while it loaded.
+
+    `copy.deepcopy` would copy each rank's empty parameter tensors and DeepSpeed's bookkeeping
+    (the same parameter ids), not the weights. The copy is built partitioned like the model
+    (transformers builds under `deepspeed.zero.Init` here) and filled one gathered parameter at a
+    time, so no rank ever holds the whole model.
+    """
+    import deepspeed
+
+    reference = type(model)._from_config(model.config, dtype=model.dtype)
+    targets = dict(reference.named_parameters())
+    for name, source in model.named_parameters():
+        target = targets[name]
+        with deepspeed.zero.GatheredParameters([source]), deepspeed.zero.GatheredParameters([target], modifier_rank=0):
+            target.data.copy_(source.data)  # rank 0's copy is partitioned to every rank on leaving
     return reference
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import transformers
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from tuneforge.config.loading import dump_config, load_config
@@ -276,7 +277,11 @@ def _setup_model(
     model_class = register_custom_model(model) if config.model.builder is not None else None
     new_token_ids = add_new_token_rows(model, tokenizer, config.model)
     if config.data.packing:
-        _say(f"packed batches use attention implementation '{enable_packed_attention(model, device=args.device)}'")
+        # Under DeepSpeed ZeRO-3 the weights stay partitioned (empty) until the Trainer wraps the
+        # model, so the isolation probe cannot run a forward pass yet.
+        verify = not is_deepspeed_zero3_enabled()
+        attention = enable_packed_attention(model, device=args.device, verify=verify)
+        _say(f"packed batches use attention implementation '{attention}'")
     base_dir = None
     if (config.model.init == "random" or config.model.vision is not None) and isinstance(method, LoraMethod):
         # Random or just-assembled base weights exist nowhere else: keep them so the adapter stays usable.
@@ -343,16 +348,41 @@ def _build_trainer(
     return trainer
 
 
+class _EvaluateAtTrainBegin(TrainerCallback):
+    """The evaluation before training, run once `train()` has wrapped the model.
+
+    Under DeepSpeed an evaluation before `train()` wraps the model in an inference engine (no
+    optimizer), which `train()` then keeps instead of building its training engine: the first
+    backward fails ("'NoneType' object has no attribute 'backward'", accelerate's engine unset).
+    """
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.eval_loss: float | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.eval_loss is None:
+            self.eval_loss = self.trainer.evaluate()["eval_loss"]
+            _say(f"eval loss before training: {self.eval_loss:.4f}")
+
+
 def _fit(trainer: Trainer, resume: str | None, has_eval: bool) -> dict[str, Any]:
     """Evaluate, train, evaluate; measure time and peak GPU memory."""
     eval_before = None
+    at_begin = None
     if has_eval and resume is None:
-        eval_before = trainer.evaluate()["eval_loss"]
-        _say(f"eval loss before training: {eval_before:.4f}")
+        if trainer.is_deepspeed_enabled:
+            at_begin = _EvaluateAtTrainBegin(trainer)
+            trainer.add_callback(at_begin)
+        else:
+            eval_before = trainer.evaluate()["eval_loss"]
+            _say(f"eval loss before training: {eval_before:.4f}")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume)
+    if at_begin is not None:
+        eval_before = at_begin.eval_loss
     raise_if_preempted(trainer)  # before the final evaluation: the grace period is short
     return {
         "train_seconds": time.perf_counter() - started,
