@@ -150,3 +150,19 @@ def test_the_vocabulary_of_a_zero3_partitioned_embedding_is_read_from_its_full_s
     embeddings.weight.ds_shape = embeddings.weight.shape
     embeddings.weight.data = torch.empty(0)
     assert embedding_rows(model) == 534
+
+
+def test_the_plan_reads_zero3_partitioned_experts_at_their_full_shape():
+    """A fused 3-D expert weight partitioned by ZeRO-3 is an empty 1-D tensor on each rank: the
+    plan's 16-bit expert count read its shape and found no experts."""
+    import torch
+
+    from tuneforge.plan.estimate import unquantized_expert_bytes
+
+    model = torch.nn.Module()
+    model.experts = torch.nn.Parameter(torch.zeros(4, 6, 8, dtype=torch.bfloat16))
+    expected = 4 * 6 * 8 * 2
+    assert unquantized_expert_bytes(model) == expected
+    model.experts.ds_shape, model.experts.ds_numel = model.experts.shape, model.experts.numel()
+    model.experts.data = torch.empty(0, dtype=torch.bfloat16)
+    assert unquantized_expert_bytes(model) == expected

@@ -15,10 +15,14 @@ def full_numel(parameter: torch.Tensor) -> int:
     return getattr(parameter, "ds_numel", None) or parameter.numel()
 
 
+def full_shape(parameter: torch.Tensor) -> torch.Size:
+    """The whole parameter's shape; a ZeRO-3 partition keeps it in `ds_shape`."""
+    return getattr(parameter, "ds_shape", None) or parameter.shape
+
+
 def embedding_rows(model: torch.nn.Module) -> int:
     """Rows of the model's input embeddings (its vocabulary), whichever engine holds them."""
-    weight = model.get_input_embeddings().weight
-    return getattr(weight, "ds_shape", weight.shape)[0]
+    return full_shape(model.get_input_embeddings().weight)[0]
 
 
-__all__ = ["embedding_rows", "full_numel"]
+__all__ = ["embedding_rows", "full_numel", "full_shape"]

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from tuneforge.errors import ConfigError
-from tuneforge.models.parameters import full_numel
+from tuneforge.models.parameters import full_numel, full_shape
 
 GIB = 2**30
 # Allocated beyond the tensors counted below (cuBLAS workspaces, rotary tables, the loss, the
@@ -342,7 +342,7 @@ def unquantized_expert_bytes(model: torch.nn.Module) -> int:
     """Bytes of fused mixture-of-experts weights: parameters of three or more dimensions (one
     matrix per expert, as transformers 5 stores Mixtral's and Qwen-MoE's experts). bitsandbytes
     quantizes `nn.Linear` layers only, so with a 4/8-bit base these stay in 16 bits."""
-    return sum(full_numel(p) * p.element_size() for name, p in model.named_parameters() if p.dim() >= 3 and "lora_" not in name)
+    return sum(full_numel(p) * p.element_size() for name, p in model.named_parameters() if len(full_shape(p)) >= 3 and "lora_" not in name)
 
 
 def weight_bytes(model: torch.nn.Module, quantization: str = "none") -> int:
@@ -429,7 +429,7 @@ def estimate_memory(
         chunk = 2 ** math.ceil(math.log2(max(1, math.ceil(tokens / max(1, math.ceil(shape.vocab / shape.hidden))))))
         output_layer = 3 * tokens * shape.hidden * element + 2 * chunk * shape.vocab * 4
         # The fused loss computes the head's weight gradient during the forward pass.
-        head_gradient = head.weight.numel() * head.weight.element_size() if head_trains else 0
+        head_gradient = full_numel(head.weight) * head.weight.element_size() if head_trains else 0
     else:
         output_layer = 2 * tokens * shape.hidden * element + tokens * shape.vocab * (element + 4 + 4)  # logits, fp32, gradient
         head_gradient = 0
