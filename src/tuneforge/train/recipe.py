@@ -158,6 +158,29 @@ def one_gpu_per_process(args: transformers.TrainingArguments) -> transformers.Tr
     return args
 
 
+def _save_base(model: Any, tokenizer: Any, base_dir: Path) -> None:
+    """The base weights next to the adapter, written by the main rank.
+
+    Under DeepSpeed ZeRO-3 every parameter tensor is empty on every rank (the model was
+    partitioned while it loaded): all ranks gather them, one at a time (a collective each, so no
+    rank may skip it, even when `base_dir` exists), and the main rank saves the gathered copy.
+    """
+    write = Ranks.from_env().is_main and not base_dir.exists()
+    state_dict = None
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        state_dict = {}
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            partitioned = [tensor] if hasattr(tensor, "ds_id") else []
+            with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+                if write:
+                    state_dict[name] = tensor.detach().to("cpu", copy=True)
+    if write:
+        model.save_pretrained(str(base_dir), state_dict=state_dict)
+        tokenizer.save_pretrained(str(base_dir))
+
+
 def _attach_input_grads_for_checkpointing(model: Any, args: transformers.TrainingArguments) -> None:
     # With frozen embeddings, checkpointed blocks see inputs without grad and nothing
     # upstream of them trains; PEFT and freeze both need the inputs to carry grad.
@@ -286,9 +309,7 @@ def _setup_model(
     if (config.model.init == "random" or config.model.vision is not None) and isinstance(method, LoraMethod):
         # Random or just-assembled base weights exist nowhere else: keep them so the adapter stays usable.
         base_dir = run_dir / "base"
-        if Ranks.from_env().is_main and not base_dir.exists():
-            model.save_pretrained(str(base_dir))
-            tokenizer.save_pretrained(str(base_dir))
+        _save_base(model, tokenizer, base_dir)
     model, counts = prepare_model(
         method, model, new_token_ids=new_token_ids, gradient_checkpointing=bool(args.gradient_checkpointing),
         fused_lora=config.speed.fused_lora,
