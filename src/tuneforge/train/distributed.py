@@ -27,6 +27,7 @@ import torch
 
 from tuneforge.config.schema import DistributedConfig
 from tuneforge.errors import ConfigError, ModelError
+from tuneforge.models.parameters import full_shape
 from tuneforge.train.checkpoints import read_manifest
 
 DEEPSPEED_DIR = Path(__file__).parent / "deepspeed"
@@ -179,7 +180,7 @@ def export_shapes(model: Any) -> dict[str, tuple[int, ...]]:
     model, peft's own selection and names: those its `save_pretrained` writes.
     """
     shapes = {
-        name: torch.empty(getattr(parameter, "ds_shape", parameter.shape), device="meta")
+        name: torch.empty(full_shape(parameter), device="meta")
         for name, parameter in model.named_parameters()
     }
     if hasattr(model, "peft_config"):
