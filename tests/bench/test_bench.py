@@ -73,6 +73,9 @@ def test_model_flops_per_token():
         ("_cross_entropy_kernel", "loss"),
         ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
         ("Memcpy DtoH (Device -> Pinned)", "host-device copies"),
+        ("ncclDevKernel_ReduceScatter_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "communication"),
+        ("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "communication"),
+        ("c10d::allreduce_", "communication"),
         ("void at::native::vectorized_elementwise_kernel<8, CUDAFunctor_add>", "elementwise and other"),
     ],
 )

@@ -4,6 +4,7 @@ import json
 import sys
 
 import pytest
+import torch
 from pytorch_optimizer import Lamb
 from transformers import TrainerCallback
 
@@ -103,3 +104,53 @@ def test_lamb_is_refused_where_it_would_not_be_the_optimizer_that_steps(tiny_mod
     with pytest.raises(ConfigError, match=message) as caught:
         load_config(config)
     assert caught.value.where == where
+
+
+def test_bf16_updates_below_half_the_spacing_are_lost_by_adamw_and_kept_by_stochastic_rounding():
+    from torchao.optim import _AdamW
+
+    from tuneforge.config.optimizers import OPTIMIZERS
+
+    def mean_after_50_steps(optimizer_class, **options):
+        # A constant gradient makes each AdamW step exactly lr: 1.0 - 1e-3 is closer to 1.0 than to
+        # the next bf16 value below it (1.0 - 2**-8), so round-to-nearest never moves the weight.
+        weight = torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
+        optimizer = optimizer_class([weight], lr=1e-3, weight_decay=0.0, **options)
+        for _ in range(50):
+            weight.grad = torch.ones_like(weight)
+            optimizer.step()
+        assert weight.dtype == torch.bfloat16
+        return weight.float().mean().item()
+
+    assert mean_after_50_steps(torch.optim.AdamW) == 1.0
+    # In fp32 the weights would reach 1 - 50e-3; the rounded ones get there on average.
+    assert mean_after_50_steps(_AdamW, **OPTIMIZERS["adamw_bf16_sr"].options) == pytest.approx(0.95, abs=2e-3)
+
+
+def test_adamw_bf16_sr_trains_bf16_weights_with_the_configured_settings(tmp_path, tiny_model_dir):
+    from torchao.optim import _AdamW
+
+    data = write_jsonl(tmp_path / "train.jsonl", successor_rows(32))
+    capture = CaptureOptimizer()
+    config = settings(
+        tmp_path, tiny_model_dir, data, optim="adamw_bf16_sr", max_steps=3, learning_rate=1e-2, adam_beta1=0.8,
+        weight_decay=0.1,
+    )
+    config["model"]["dtype"] = "bfloat16"
+    result = train(config, callbacks=[capture])
+
+    assert capture.optimizer_class is _AdamW
+    decay, no_decay = capture.groups
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    assert decay["betas"] == (0.8, 0.999) and decay["initial_lr"] == 1e-2
+    logged = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    # torchao keeps the rate as a tensor; the schedule still drives it and the log reads a number.
+    assert [m["learning_rate"] for m in logged if "learning_rate" in m] == pytest.approx([1e-2 * (1 - t / 3) for t in range(3)])
+    assert all(m["loss"] == m["loss"] for m in logged if "loss" in m)  # finite, not NaN
+    from safetensors.torch import load_file
+
+    before = load_file(str(tiny_model_dir / "model.safetensors"))
+    after = load_file(str(result.run_dir / "model" / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert after[name].dtype == torch.bfloat16  # trained in bf16, no fp32 copy written back
+    assert not torch.equal(after[name], before[name].to(torch.bfloat16))

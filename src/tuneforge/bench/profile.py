@@ -15,7 +15,11 @@ import torch
 from transformers import TrainerCallback
 
 # First match wins: attention kernels contain "gemm"-like names, so they come before matmul.
+# Communication kernels overlap computation on their own stream, so the classes can add up to
+# more than the step's wall time; the share spent communicating is still what a missed
+# multi-GPU target needs to know.
 KERNEL_CLASSES: list[tuple[str, re.Pattern[str]]] = [
+    ("communication", re.compile(r"nccl|all_?reduce|all_?gather|reduce_?scatter|c10d::", re.IGNORECASE)),
     ("attention", re.compile(r"flash|fmha|attention|attn|varlen", re.IGNORECASE)),
     ("loss", re.compile(r"cross_entropy|crossentropy|nll_loss|log_softmax|liger.*(ce|cross)", re.IGNORECASE)),
     ("norm", re.compile(r"rms|layer_norm|layernorm|norm_kernel", re.IGNORECASE)),

@@ -1,7 +1,7 @@
 """Optimizers tuneforge adds to transformers' `train.optim` names.
 
 transformers' `optim` covers AdamW (fused), Adafactor, the 8-bit optimizers and more, but not
-LAMB. A name listed in `OPTIMIZERS` is accepted in `train.optim` next to transformers' own; its
+LAMB, nor AdamW with stochastic rounding of bf16 weights. A name listed in `OPTIMIZERS` is accepted in `train.optim` next to transformers' own; its
 class comes from a maintained package (an optional extra) and reaches the Trainer through
 `optimizer_cls_and_kwargs`, so transformers still builds the parameter groups (no weight decay
 on biases and norms) and the learning-rate schedule:
@@ -13,7 +13,7 @@ on biases and norms) and the learning-rate schedule:
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tuneforge.errors import ConfigError
@@ -31,12 +31,23 @@ class PackagedOptimizer:
     class_name: str
     extra: str  # the tuneforge extra that installs `module`
     summary: str  # one line for docs/configuration.md
+    options: dict[str, Any] = field(default_factory=dict)  # fixed keyword arguments of the class
 
 
 OPTIMIZERS: dict[str, PackagedOptimizer] = {
     "lamb": PackagedOptimizer(
         "pytorch_optimizer", "Lamb", "optimizers",
         "LAMB, Adam moments with a per-tensor trust ratio, from pytorch_optimizer",
+    ),
+    # Full fine-tuning in bf16 without fp32 master weights: round-to-nearest drops every update
+    # smaller than half of bf16's spacing (lr 1e-5 on a weight of 0.02), stochastic rounding
+    # keeps them in expectation. Moments stay in the weights' dtype, as torch's AdamW keeps them.
+    "adamw_bf16_sr": PackagedOptimizer(
+        "torchao.optim", "_AdamW", "optimizers",
+        "AdamW computed in fp32 that writes bf16 weights with stochastic rounding, so updates smaller than "
+        "bf16's spacing are kept in expectation: full fine-tuning in bf16 close to fp32 master weights "
+        "at half their memory; from torchao, each tensor's step compiled with torch.compile",
+        options={"bf16_stochastic_round": True},
     ),
 }
 
@@ -99,7 +110,7 @@ def optimizer_cls_and_kwargs(name: str, args: TrainingArguments) -> tuple[type, 
     if name not in OPTIMIZERS:
         return None
     kwargs = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
-    return _optimizer_class(name), kwargs
+    return _optimizer_class(name), {**kwargs, **OPTIMIZERS[name].options}
 
 
 __all__ = ["OPTIMIZERS", "STAND_IN", "check_optimizer", "optimizer_cls_and_kwargs"]
