@@ -166,3 +166,19 @@ def test_best_checkpoint_survives_rotation_and_loads_at_end(tmp_path, tiny_model
     assert best is not None and ".partial" not in best and is_complete_checkpoint(best)
     saved_state = (run / os.path.basename(best) / "trainer_state.json").read_text()
     assert ".partial" not in saved_state  # the staging path never leaks into resumed state
+
+
+def test_disk_space_is_planned_for_the_kept_checkpoints_and_a_final_model_without_optimizer_state():
+    """A run that saves no checkpoints needs only its final weights on disk. Counting AdamW's
+    moments for it refused an 8B FSDP2 run: 74.8 GiB asked, 15 GiB of weights to write."""
+    from types import SimpleNamespace
+
+    from tuneforge.train.checkpoints import estimate_run_bytes
+
+    layer = torch.nn.Linear(4, 3)  # 15 fp32 values: 60 bytes of weights, 120 of moments
+    no_saves = SimpleNamespace(save_strategy="no", save_total_limit=None, save_only_model=False)
+    assert estimate_run_bytes(layer, no_saves) == 60
+    kept_three = SimpleNamespace(save_strategy="steps", save_total_limit=3, save_only_model=False)
+    assert estimate_run_bytes(layer, kept_three) == 3 * (60 + 120) + 60
+    weights_only = SimpleNamespace(save_strategy="steps", save_total_limit=None, save_only_model=True)
+    assert estimate_run_bytes(layer, weights_only) == 2 * 60 + 60

@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -423,3 +424,44 @@ def test_a_two_rank_lora_run_with_merge_is_merged_once_by_rank_0(tmp_path, tiny_
     assert finished.stdout.count("merged weights in") == 1
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged" / "merged"))
     assert not any("lora_" in name for name in merged.state_dict())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_workers_die_with_a_torchrun_launcher_killed_by_sigkill(tmp_path):
+    """torchrun starts workers in sessions of their own: SIGKILL of the launcher left them
+    training on, and a resumed run read a checkpoint the orphans were rotating away."""
+    import signal
+    import subprocess
+
+    pid_file = tmp_path / "worker.pid"
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import os, pathlib, time\n"
+        "from tuneforge.train.distributed import die_with_launcher\n"
+        "die_with_launcher()\n"
+        f"pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid()))\n"
+        "time.sleep(120)\n"
+    )
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", "0", str(script)],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    worker = int(pid_file.read_text())
+
+    def running() -> bool:  # a killed orphan may linger as a zombie until its new parent reaps it
+        stat = Path(f"/proc/{worker}/stat")
+        return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+    os.killpg(launcher.pid, signal.SIGKILL)  # the launcher's group: the worker is not in it
+    launcher.wait()
+    try:
+        deadline = time.monotonic() + 10
+        while running() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not running(), "the worker outlived its launcher"
+    finally:
+        if running():
+            os.kill(worker, signal.SIGKILL)

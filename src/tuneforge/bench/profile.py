@@ -38,6 +38,21 @@ def classify(kernel_name: str) -> str:
     return "elementwise and other"
 
 
+def counted(event: Any, on_gpu: bool) -> bool:
+    """Whether an averaged profiler event is a unit of work, counted once.
+
+    On a GPU only the kernels are: an operator's device time is its kernels' (`aten::mm` and
+    its gemm would count twice), and a `record_function` range such as
+    `DistributedDataParallel.forward` spans the kernels inside it. On a CPU the operators are
+    the work.
+    """
+    if getattr(event, "is_user_annotation", False):
+        return False
+    if on_gpu:
+        return event.device_type != torch.autograd.DeviceType.CPU
+    return True
+
+
 class StepProfiler(TrainerCallback):
     """Profiles optimizer step number `step` (1-based) and keeps the device time per kernel class."""
 
@@ -68,9 +83,11 @@ class StepProfiler(TrainerCallback):
             torch.cuda.synchronize()
         self._profiler.__exit__(None, None, None)
         totals: dict[str, float] = {}
+        on_gpu = torch.cuda.is_available()
         for event in self._profiler.key_averages():
-            # Kernels on a GPU; on a CPU the operators themselves.
-            spent_us = event.self_device_time_total if torch.cuda.is_available() else event.self_cpu_time_total
+            if not counted(event, on_gpu):
+                continue
+            spent_us = event.self_device_time_total if on_gpu else event.self_cpu_time_total
             if spent_us <= 0:
                 continue
             group = classify(event.key)
@@ -91,4 +108,4 @@ def format_profile(seconds_by_class: dict[str, float]) -> str:
     )
 
 
-__all__ = ["KERNEL_CLASSES", "StepProfiler", "classify", "format_profile"]
+__all__ = ["KERNEL_CLASSES", "StepProfiler", "classify", "counted", "format_profile"]

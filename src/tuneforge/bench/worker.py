@@ -214,6 +214,9 @@ SYSTEMS = {"tuneforge": run_tuneforge, "hf": run_hf, "trl": run_trl, "unsloth": 
 
 def main(argv: list[str]) -> int:
     label, case_path, work, result_path, *flags = argv
+    from tuneforge.train.distributed import die_with_launcher
+
+    die_with_launcher()  # a case the runner stops on its timeout takes its torchrun workers along
     # `tuneforge+speed.activations=recompute`: a system with config overrides (tuneforge only).
     system, *overrides = label.split("+")
     case = Case(**json.loads(Path(case_path).read_text(encoding="utf-8")))

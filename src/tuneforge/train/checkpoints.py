@@ -212,6 +212,14 @@ def estimate_save_bytes(model: Any, save_only_model: bool) -> int:
     return saved if save_only_model else saved + 2 * 4 * trainable
 
 
+def estimate_run_bytes(model: Any, args: Any) -> int:
+    """Bytes the run keeps on disk at most: the checkpoints rotation keeps (`save_total_limit`,
+    2 when unset) and the final model, which holds the weights without optimizer state."""
+    kept = 0 if args.save_strategy == "no" else (args.save_total_limit or 2)
+    checkpoint = estimate_save_bytes(model, save_only_model=bool(args.save_only_model))
+    return checkpoint * kept + estimate_save_bytes(model, save_only_model=True)
+
+
 class AtomicCheckpointMixin:
     """Makes a `Trainer` subclass write checkpoints atomically and rotate them by step number.
 
@@ -297,6 +305,7 @@ __all__ = [
     "check_space_for_checkpoint",
     "checkpoint_dirs",
     "commit_checkpoint",
+    "estimate_run_bytes",
     "find_good_checkpoint",
     "good_checkpoints",
     "is_complete_checkpoint",

@@ -15,9 +15,12 @@ runs, so only rank 0 touches the run directory.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -53,6 +56,22 @@ class Ranks:
         return self.rank == 0
 
 
+def die_with_launcher() -> None:
+    """End this worker when the torchrun launcher that started it dies.
+
+    torchrun starts each worker in a session of its own, so a SIGKILL of the launcher (`kill -9`
+    of the job, the OOM killer) does not reach the workers: they train on, hold the GPUs, and
+    keep writing and rotating checkpoints that a resumed run is reading. Linux's parent-death
+    signal ends them with the launcher. Elsewhere, or outside torchrun, a no-op.
+    """
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the launcher died before the signal was asked for
+        os._exit(1)
+
+
 def start_process_group(section: DistributedConfig, ranks: Ranks) -> None:
     """Join the other ranks, with `distributed.timeout_minutes` on every collective.
 
@@ -64,6 +83,7 @@ def start_process_group(section: DistributedConfig, ranks: Ranks) -> None:
     """
     if ranks.world_size == 1 or torch.distributed.is_initialized():
         return
+    die_with_launcher()
     if torch.cuda.is_available():
         torch.cuda.set_device(ranks.local_rank)  # NCCL binds each rank to its own GPU
     torch.distributed.init_process_group(timeout=timedelta(minutes=section.timeout_minutes))
@@ -294,6 +314,7 @@ __all__ = [
     "check_resume_layout",
     "checkpoint_layout",
     "deepspeed_config",
+    "die_with_launcher",
     "engine_arguments",
     "export_shapes",
     "planned_engine",

@@ -66,7 +66,7 @@ from tuneforge.train.callbacks import (
     TrainingProgress,
     report_after_metrics,
 )
-from tuneforge.train.checkpoints import estimate_save_bytes
+from tuneforge.train.checkpoints import estimate_run_bytes
 from tuneforge.train.distributed import (
     Ranks,
     barrier,
@@ -325,9 +325,7 @@ def _setup_model(
     _say(check_before_training(plan, args.device))
     _attach_input_grads_for_checkpointing(model, args)
     _say(f"method {config.method.name}: {counts.describe()}")
-    per_save = estimate_save_bytes(model, save_only_model=bool(args.save_only_model))
-    kept = 0 if args.save_strategy == "no" else (args.save_total_limit or 2)
-    check_disk_space(run_dir, per_save * (kept + 1))
+    check_disk_space(run_dir, estimate_run_bytes(model, args))
     return model, counts, base_dir, model_class
 
 
