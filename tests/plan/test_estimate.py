@@ -171,6 +171,29 @@ def test_fsdp_with_mixed_precision_is_planned_with_fp32_master_weights_as_measur
         assert estimate.total(every, False) / GIB == pytest.approx(measured, rel=0.05)
 
 
+def test_zero3_with_mixed_precision_is_planned_with_an_fp32_master_copy_as_measured_on_two_h200s():
+    """DeepSpeed under bf16 keeps fp32 master weights beside the bf16 ones (ZeRO counts them as
+    optimizer state) and its gradients in bf16. Full fine-tuning of the 8B shape, micro-batch
+    2 x 2048 per GPU, 2 H200s (docs/benchmarks.md): tuneforge (Liger, no recomputation) peaked at
+    81.9 GiB on rank 0 where the plan, counting bf16 weights and moments, said 44.7; plain HF
+    (checkpointing, no Liger) at 68.8 GiB."""
+    base = {"model": {"path": "m"}, "data": {"datasets": [{"path": "a.jsonl"}]}, "train": {"bf16": True}}
+    zero3 = Strategy.from_config(load_config({**base, "distributed": {"strategy": "deepspeed", "zero_stage": 3}}))
+    assert zero3.master_copy and not zero3.fp32_master
+    assert not Strategy.from_config(load_config({**base, "distributed": {"strategy": "fsdp"}})).master_copy
+    assert not Strategy.from_config(load_config({**base, "train": {}, "distributed": {"strategy": "deepspeed"}})).master_copy
+
+    model = _meta("llama-8b", lora=False)
+    parameters = count_parameters(model).trainable
+    bf16 = estimate_memory(model, 4096, liger=True)
+    master = estimate_memory(model, 4096, liger=True, master_copy=True)
+    assert master.weights == bf16.weights and master.gradients == bf16.gradients == 2 * parameters
+    assert master.optimizer == 12 * parameters  # fp32 copy and two fp32 moments
+    for liger, every, measured in ((True, 0, 81.9), (False, 1, 68.8)):
+        estimate = estimate_memory(model, 4096, liger=liger, master_copy=True).sharded(zero3, gpus=2)
+        assert estimate.total(every, False) / GIB == pytest.approx(measured, rel=0.05)
+
+
 def test_a_quantized_moe_plan_says_its_fused_experts_stay_in_16_bits(tmp_path, tiny_model_dir):
     from transformers import MixtralConfig
 

@@ -148,6 +148,11 @@ def optimizer_state_bytes(optim: str, parameters: int, element_size: int) -> int
     return 2 * parameters * element_size
 
 
+# DeepSpeed's default `stage3_max_live_parameters` and `sub_group_size` (elements), which the
+# shipped zero3.json keeps.
+ZERO3_DEFAULT_GROUP = 10**9
+
+
 @dataclass(frozen=True)
 class Strategy:
     """How N GPUs share the training state: replicated (DDP), or sharded (FSDP, ZeRO stages),
@@ -162,6 +167,9 @@ class Strategy:
     # accelerate's FSDP2 under mixed precision upcasts the trainable parameters to fp32 (master
     # weights; each layer is cast to bf16 for compute): their gradients and optimizer state follow.
     fp32_master: bool = False
+    # DeepSpeed under mixed precision keeps fp32 master weights beside the 16-bit ones it computes
+    # with, as optimizer state (ZeRO shards it from stage 1); the gradients stay 16-bit.
+    master_copy: bool = False
 
     NAMES = ("ddp", "zero1", "zero2", "zero3", "fsdp", "zero2-offload", "zero3-offload", "fsdp-offload")
 
@@ -187,25 +195,27 @@ class Strategy:
         )
 
     def with_precision_of(self, config: Any) -> Strategy:
-        """This strategy under `config`'s precision: FSDP with bf16/fp16 mixed precision keeps
-        fp32 master weights."""
+        """This strategy under `config`'s precision: with bf16/fp16 mixed precision FSDP holds
+        the weights in fp32, DeepSpeed an fp32 master copy beside the 16-bit weights."""
         distributed = getattr(config, "distributed", None)
         mixed = bool(config.train.bf16 or config.train.fp16) or (
             distributed is not None and distributed.mixed_precision in ("bf16", "fp16")
         )
-        return replace(self, fp32_master=self.name.startswith("fsdp") and mixed)
+        return replace(
+            self, fp32_master=self.name.startswith("fsdp") and mixed, master_copy=self.name.startswith("zero") and mixed
+        )
 
     @classmethod
     def from_config(cls, config: Any) -> Strategy:
         """The strategy the `distributed` section chooses, else what `train.fsdp` / `train.deepspeed` ask for."""
         distributed = getattr(config, "distributed", None)
         if distributed is None or distributed.strategy == "ddp":
-            return cls.from_train(config.train)
+            return cls.from_train(config.train).with_precision_of(config)
         offload = distributed.offload_optimizer or distributed.offload_params
         if distributed.strategy == "fsdp":
             return cls.parse("fsdp-offload" if offload else "fsdp").with_precision_of(config)
         stage = distributed.zero_stage
-        return cls.parse(f"zero{stage}" + ("-offload" if offload and stage >= 2 else ""))
+        return cls.parse(f"zero{stage}" + ("-offload" if offload and stage >= 2 else "")).with_precision_of(config)
 
     @classmethod
     def from_train(cls, train: Any) -> Strategy:
@@ -271,6 +281,11 @@ class MemoryEstimate:
         if strategy.shard_weights:
             # The layer being computed is gathered whole (with the next one prefetched).
             buffers = 2 * (self.weights // max(self.layers, 1)) if gpus > 1 or strategy.offload_weights else 0
+            if strategy.master_copy:
+                # ZeRO-3's defaults: up to `stage3_max_live_parameters` gathered in 16 bits, and the
+                # step upcasts one `sub_group_size` group of gradients to fp32 at a time.
+                trained = self.gradients // 2  # 16-bit gradients: one per trained value
+                buffers += min(ZERO3_DEFAULT_GROUP, self.weights // 2) * 2 + min(ZERO3_DEFAULT_GROUP, trained // share) * 4
         else:
             buffers = self.gradients if gpus > 1 and not strategy.shard_gradients else 0  # DDP's flat buckets
         return replace(
@@ -385,6 +400,7 @@ def estimate_memory(
     optim: str = "adamw_torch",
     gradient_accumulation: int = 1,
     fp32_master: bool = False,
+    master_copy: bool = False,
 ) -> MemoryEstimate:
     """Estimate a decoder-only transformer's training memory for `tokens` per micro-batch.
 
@@ -397,6 +413,7 @@ def estimate_memory(
         optim: `train.optim`, for the optimizer state's size.
         gradient_accumulation: above 1, the gradients stay allocated through the forward passes.
         fp32_master: the engine holds the trainable parameters in fp32 (`Strategy.fp32_master`).
+        master_copy: the engine keeps an fp32 copy of them as optimizer state (`Strategy.master_copy`).
     """
     shape = ModelShape.from_config(getattr(model, "config", None))
     if quantization is None:
@@ -407,10 +424,14 @@ def estimate_memory(
     gradients = optimizer = upcast = 0
     for parameter in model.parameters():
         if parameter.requires_grad:
-            size = 4 if fp32_master and parameter.is_floating_point() else parameter.element_size()
-            gradients += full_numel(parameter) * size
+            floating = parameter.is_floating_point()
+            size = 4 if (fp32_master or master_copy) and floating else parameter.element_size()
+            gradients += full_numel(parameter) * (parameter.element_size() if master_copy else size)
             optimizer += optimizer_state_bytes(optim, full_numel(parameter), size)
-            upcast += full_numel(parameter) * (size - parameter.element_size())
+            if master_copy and floating:
+                optimizer += full_numel(parameter) * 4
+            else:
+                upcast += full_numel(parameter) * (size - parameter.element_size())
 
     # A layer before which nothing trains passes no gradient back and saves nothing.
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None

@@ -218,7 +218,8 @@ def _suggestions(config: Config, model: torch.nn.Module, options: PlanOptions, e
         found.append(f"{setting}: {estimate.total(every, activations == 'offload') / GIB + CONTEXT_BYTES / GIB:.1f} GiB")
     micro_batch, accumulation = config.train.per_device_train_batch_size, config.train.gradient_accumulation_steps
     common = {"liger": liger, "quantization": quantization, "compute_16bit": computes_in_16bit(model, config.train),
-              "optim": str(config.train.optim), "fp32_master": strategy.fp32_master}
+              "optim": str(config.train.optim), "fp32_master": strategy.fp32_master,
+              "master_copy": strategy.master_copy}
     # The largest smaller micro-batch that fits with activations kept, else with recomputation.
     options_by_speed = [
         (every, label, smaller)
@@ -236,7 +237,7 @@ def _suggestions(config: Config, model: torch.nn.Module, options: PlanOptions, e
         for name in ("fsdp", "zero3-offload"):
             other = Strategy.parse(name).with_precision_of(config)
             e = estimate_memory(model, micro_batch * config.data.max_length, gradient_accumulation=accumulation,
-                                **{**common, "fp32_master": other.fp32_master})
+                                **{**common, "fp32_master": other.fp32_master, "master_copy": other.master_copy})
             gib = fits(e.sharded(other, options.gpus), 1)
             if gib and name != strategy.name:
                 found.append(f"--strategy {name} with speed.activations=recompute: {gib:.1f} GiB")
@@ -269,7 +270,7 @@ def plan_config(config: Config, options: PlanOptions | None = None) -> Plan:
     estimate = estimate_memory(
         model, micro_batch * config.data.max_length, liger=liger, quantization=quantization,
         compute_16bit=computes_in_16bit(model, config.train), optim=str(config.train.optim),
-        gradient_accumulation=config.train.gradient_accumulation_steps, fp32_master=strategy.fp32_master,
+        gradient_accumulation=config.train.gradient_accumulation_steps, fp32_master=strategy.fp32_master, master_copy=strategy.master_copy,
     ).sharded(strategy, options.gpus)
     recompute_every, offload = _activation_policy(config, estimate, gpu_memory)
     setup = {

@@ -139,6 +139,7 @@ def plan_speed(
             model, tokens_per_micro_batch, liger=liger, compute_16bit=computes_in_16bit(model, train),
             optim=str(getattr(train, "optim", "adamw_torch")),
             gradient_accumulation=getattr(train, "gradient_accumulation_steps", 1), fp32_master=sharding[0].fp32_master,
+            master_copy=sharding[0].master_copy,
         ).sharded(*sharding)
     except ConfigError:
         if speed.activations == "auto" and cuda and not explicit_checkpointing:
