@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -71,7 +72,9 @@ def run_one(case: Case, system: str, options: BenchOptions) -> dict[str, Any]:
     logs.mkdir(parents=True, exist_ok=True)
     case_path = options.work / f"case-{case.name}.json"
     case_path.write_text(json.dumps(case.to_json()), encoding="utf-8")
-    result_path = options.work / f"result-{system}-{case.name}.json"
+    # A system label may hold a path (`tuneforge+distributed.deepspeed_config=/x/zero3.json`).
+    stem = re.sub(r"[^\w.+=-]", "_", f"{system}-{case.name}")
+    result_path = options.work / f"result-{stem}.json"
     result_path.unlink(missing_ok=True)
     environment = dict(os.environ)
     if system == "unsloth":
@@ -91,7 +94,7 @@ def run_one(case: Case, system: str, options: BenchOptions) -> dict[str, Any]:
         command = [sys.executable, "-m", *worker]
     if options.profile and system.startswith("tuneforge"):
         command.append("--profile")
-    log = logs / f"{system}-{case.name}.log"
+    log = logs / f"{stem}.log"
     print(f"[bench] {case.name} / {system} ...", flush=True)
     started = time.perf_counter()
     with log.open("w", encoding="utf-8") as handle:

@@ -84,7 +84,7 @@ def run_tuneforge(case: Case, work: Path, callbacks: list[Any], overrides: list[
         "method": method,
         "train": arguments,
         "output": {"dir": str(work / "runs" / f"tuneforge-{case.name}"), "overwrite": True},
-        "distributed": {"strategy": case.strategy, **({"zero_stage": 3} if case.strategy == "deepspeed" else {})},
+        "distributed": {"strategy": case.strategy},  # deepspeed: ZeRO-3, the default stage
     }
     train(config, overrides=overrides, callbacks=callbacks)
 
