@@ -169,6 +169,9 @@ def test_fsdp_with_mixed_precision_is_planned_with_fp32_master_weights_as_measur
     for liger, every, measured in ((True, 0, 67.4), (False, 1, 62.3)):
         estimate = estimate_memory(model, 4096, liger=liger, fp32_master=True).sharded(fsdp, gpus=2)
         assert estimate.total(every, False) / GIB == pytest.approx(measured, rel=0.05)
+    # `train.bf16: false`: the bf16 weights train as they are, 44.6 GiB measured.
+    bf16_fsdp = Strategy.from_config(load_config({**base, "train": {"bf16": False}, "distributed": {"strategy": "fsdp"}}))
+    assert bf16.sharded(bf16_fsdp, gpus=2).total(0, False) / GIB == pytest.approx(44.6, rel=0.05)
 
 
 def test_zero3_with_mixed_precision_is_planned_with_an_fp32_master_copy_as_measured_on_two_h200s():
