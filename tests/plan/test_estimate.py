@@ -87,7 +87,8 @@ def test_sharding_divides_what_each_strategy_shards():
     )
     zero1 = estimate.sharded(Strategy.parse("zero1"), gpus=4)
     assert (zero1.weights, zero1.optimizer) == (estimate.weights, estimate.optimizer // 4)
-    assert zero1.comm_buffers == estimate.gradients  # unsharded gradients go through DDP-style buckets
+    assert zero1.comm_buffers == estimate.gradients  # unsharded gradients go through reduction buckets
+    assert estimate.sharded(Strategy.parse("ddp"), gpus=4).comm_buffers == 0  # gradients are the buckets
     assert estimate.sharded(Strategy.parse("zero2-offload"), gpus=2).optimizer == 0
     assert Strategy.from_train(type("T", (), {"fsdp": "full_shard auto_wrap", "deepspeed": None})()).shard_weights
     assert estimate.sharded(Strategy(), gpus=1) == estimate

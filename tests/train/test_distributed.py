@@ -412,6 +412,30 @@ def test_ddp_skips_the_unused_parameter_search_only_where_every_trained_paramete
     assert decided(dense, world_size=1) is None
 
 
+def test_ddp_gradients_are_views_into_the_all_reduce_buckets():
+    """The Trainer's DDP keeps every gradient twice (the gradient and its bucket's copy); the
+    flag goes on the DDP settings accelerate wraps the model with, beside the Trainer's own."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from tuneforge.train.distributed import keep_gradients_in_buckets
+
+    def ddp_kwargs(handler, strategy="ddp", world_size=2, engine=False):
+        trainer = SimpleNamespace(
+            accelerator=SimpleNamespace(ddp_handler=handler), is_deepspeed_enabled=engine, is_fsdp_enabled=False
+        )
+        keep_gradients_in_buckets(trainer, DistributedConfig(strategy=strategy), world_size)
+        handler = trainer.accelerator.ddp_handler
+        return handler.to_kwargs() if handler is not None else None
+
+    from_trainer = DistributedDataParallelKwargs(find_unused_parameters=True, bucket_cap_mb=50)
+    assert ddp_kwargs(from_trainer) == {"find_unused_parameters": True, "bucket_cap_mb": 50, "gradient_as_bucket_view": True}
+    assert ddp_kwargs(None) == {"gradient_as_bucket_view": True}
+    assert ddp_kwargs(None, world_size=1) is None
+    assert ddp_kwargs(None, strategy="deepspeed", engine=True) is None
+
+
 def test_a_two_rank_lora_run_with_merge_is_merged_once_by_rank_0(tmp_path, tiny_model_dir):
     """`method.merge: true` ran the merge on every rank: under DDP both wrote the same folder
     ("Unrecognized model in .../tuneforge_partial_*"), under ZeRO-3 each loaded the base

@@ -246,7 +246,7 @@ class MemoryEstimate:
     output_layer: int  # the final norm, logits and their gradient (chunks with Liger's fused loss)
     forward_gradients: int  # gradients already held during the forward pass (accumulation, Liger's head)
     layers: int
-    comm_buffers: int = 0  # DDP's gradient buckets, FSDP's gathered layer
+    comm_buffers: int = 0  # ZeRO-1's gradient buckets, the gathered layer of FSDP and ZeRO-3
     runtime: int = RUNTIME_BYTES
 
     def recomputed_layers(self, recompute_every: int) -> int:
@@ -286,8 +286,10 @@ class MemoryEstimate:
                 # step upcasts one `sub_group_size` group of gradients to fp32 at a time.
                 trained = self.gradients // 2  # 16-bit gradients: one per trained value
                 buffers += min(ZERO3_DEFAULT_GROUP, self.weights // 2) * 2 + min(ZERO3_DEFAULT_GROUP, trained // share) * 4
+        elif strategy.name == "ddp":
+            buffers = 0  # tuneforge's DDP gradients are views into its buckets (`keep_gradients_in_buckets`)
         else:
-            buffers = self.gradients if gpus > 1 and not strategy.shard_gradients else 0  # DDP's flat buckets
+            buffers = self.gradients if gpus > 1 and not strategy.shard_gradients else 0  # ZeRO-1's reduction buckets
         return replace(
             self, weights=weights, gradients=gradients, optimizer=optimizer, comm_buffers=buffers,
             forward_gradients=min(self.forward_gradients, gradients),

@@ -192,6 +192,24 @@ def skip_unused_parameter_search(args: Any, model: Any, section: DistributedConf
         args.ddp_find_unused_parameters = False
 
 
+def keep_gradients_in_buckets(trainer: Any, section: DistributedConfig, world_size: int) -> None:
+    """DDP: make each gradient a view into the all-reduce bucket that carries it (PyTorch's
+    `gradient_as_bucket_view`), instead of a second copy the buckets copy from and back.
+
+    One copy of the gradients per GPU instead of two, and no copy each step: 2.5 GB for full
+    fine-tuning of a 1B model in bf16, 16 GB for an 8B one. The Trainer has no argument for
+    it, so the flag goes on the DDP settings accelerate keeps until it wraps the model.
+    """
+    if section.strategy != "ddp" or world_size < 2 or trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        return
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    accelerator = trainer.accelerator
+    if accelerator.ddp_handler is None:
+        accelerator.ddp_handler = DistributedDataParallelKwargs()
+    accelerator.ddp_handler.gradient_as_bucket_view = True
+
+
 def export_shapes(model: Any) -> dict[str, tuple[int, ...]]:
     """The name and full shape of each tensor the final save must hold, read from the live model.
 
@@ -317,6 +335,7 @@ __all__ = [
     "die_with_launcher",
     "engine_arguments",
     "export_shapes",
+    "keep_gradients_in_buckets",
     "planned_engine",
     "skip_unused_parameter_search",
     "start_process_group",

@@ -75,6 +75,7 @@ from tuneforge.train.distributed import (
     checkpoint_layout,
     engine_arguments,
     export_shapes,
+    keep_gradients_in_buckets,
     planned_engine,
     skip_unused_parameter_search,
     start_process_group,
@@ -469,6 +470,7 @@ def train(
         )
         report_after_metrics(trainer)
         check_engine(trainer, config.distributed, ranks.world_size)
+        keep_gradients_in_buckets(trainer, config.distributed, ranks.world_size)
         trainer.checkpoint_layout = {
             **checkpoint_layout(config.distributed, ranks.world_size), "data_fingerprint": datasets.fingerprint,
         }
