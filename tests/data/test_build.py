@@ -65,6 +65,30 @@ def test_second_build_reuses_the_cache_without_tokenising(tmp_path, tokenizer, m
     assert second.stats[0].trained_tokens == first.stats[0].trained_tokens
 
 
+def test_a_cache_entry_another_node_renames_in_first_is_kept(tmp_path, tokenizer, monkeypatch):
+    """Two nodes' rank 0 on one shared filesystem fill the same entry: the second's rename met the
+    first's directory ("Directory not empty") after it had checked that none was there."""
+    from pathlib import Path
+
+    from datasets import Dataset
+
+    from tuneforge.data.cache import DataCache
+
+    path = write_jsonl(tmp_path / "qa.jsonl", successor_rows(4))
+    config = DataConfig(datasets=[qa_spec(path)], max_length=64, cache_dir=str(tmp_path / "cache"))
+    cache = DataCache(config, tokenizer, seed=0)
+    rows = Dataset.from_dict({"input_ids": [[1, 2, 3]]})
+    cache.save(rows, None, {"by": "the first node"})
+    real_exists = Path.exists
+    # The check ran before the first node's rename landed.
+    monkeypatch.setattr(Path, "exists", lambda path: False if path == cache.path else real_exists(path))
+    cache.save(Dataset.from_dict({"input_ids": [[9]]}), None, {"by": "the second node"})
+    monkeypatch.undo()
+    train, _, meta = cache.load()
+    assert meta == {"by": "the first node"} and train["input_ids"] == [[1, 2, 3]]
+    assert [p.name for p in cache.path.parent.iterdir()] == [cache.key]  # no staging left behind
+
+
 def test_cache_key_changes_with_tokenizer_data_and_settings(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "qa.jsonl", successor_rows(5))
     config = DataConfig(datasets=[qa_spec(path)], max_length=64)

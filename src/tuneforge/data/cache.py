@@ -126,7 +126,14 @@ class DataCache:
             if self.path.exists():  # another process finished first: keep theirs
                 shutil.rmtree(staging)
                 return
-            staging.rename(self.path)
+            try:
+                staging.rename(self.path)
+            except OSError:
+                if not self.path.is_dir():
+                    raise
+                # Another node's rank 0 on a shared filesystem renamed its copy in since the check.
+                shutil.rmtree(staging)
+                return
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
