@@ -102,6 +102,18 @@ def test_a_step_profile_counts_each_kernel_once():
     assert [counted(event, on_gpu=False) for event in (operator, cpu_range)] == [True, False]
 
 
+def test_the_profile_says_how_long_the_gpu_waits_for_the_host():
+    """Kernel time is compute-stream work; NCCL kernels overlap on their own stream and the data
+    wait is host time, so neither fills the gap between the kernels and the step."""
+    from tuneforge.bench.profile import format_profile, host_bound_seconds
+
+    seconds = {"matmul": 0.20, "elementwise and other": 0.05, "communication": 0.10, "data wait (host)": 0.01}
+    assert host_bound_seconds(seconds, step_seconds=0.30) == pytest.approx(0.05)
+    assert host_bound_seconds(seconds, step_seconds=0.20) == 0.0  # a busier profiled step than the median
+    assert "GPU without work      50.0 ms of the unprofiled median step's 300.0 ms" in format_profile(seconds, 0.30)
+    assert "without work" not in format_profile(seconds)
+
+
 def test_a_two_process_case_counts_every_rank_and_reports_scaling(shared_dir, tmp_path):
     results = run_bench(BenchOptions(
         cases=["tiny-full", "tiny-full-ddp2"], systems=["tuneforge", "hf", "unsloth"],

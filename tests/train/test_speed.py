@@ -182,3 +182,41 @@ def test_liger_kernels_give_the_eager_loss_and_gradients(tiny_model_dir):
     torch.testing.assert_close(liger_loss, eager_loss, rtol=1e-4, atol=1e-5)
     for name, grad in eager_grads.items():
         torch.testing.assert_close(liger_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_compiled_decoder_layers_give_the_eager_loss_and_gradients(tiny_model_dir):
+    """PITFALLS 12: an optional speed-up matches the eager path (inductor on the CPU here)."""
+    import torch._dynamo
+
+    def loss_and_grads(compiled: bool):
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).train()
+        if compiled:
+            assert speed.compile_decoder_layers(model) == len(model.model.layers)
+        ids = torch.arange(3, 51).view(2, 24) % model.config.vocab_size
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    eager_loss, eager_grads = loss_and_grads(False)
+    compiled_loss, compiled_grads = loss_and_grads(True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the layers really went through dynamo
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compile_is_refused_where_a_sharding_engine_hooks_into_each_layer(tmp_path, tiny_model_dir):
+    with pytest.raises(ConfigError, match="speed.compile.*'fsdp'.*use it with ddp"):
+        train(recipe_config(tmp_path, tiny_model_dir, max_steps=1), overrides=["speed.compile=true", "distributed.strategy=fsdp"])
+
+
+def test_a_compiled_lora_run_learns_with_the_fused_lora_forward(tmp_path, tiny_model_dir, capsys):
+    """The fused LoRA autograd function and the recomputation wrapper run through dynamo."""
+    result = train(
+        recipe_config(tmp_path, tiny_model_dir, max_steps=12, logging_steps=4),
+        overrides=["method.name=lora", "speed.compile=true", "speed.activations=recompute"],
+    )
+    assert "torch.compile: 2 decoder layers" in capsys.readouterr().out
+    assert result.eval_loss_after < result.eval_loss_before

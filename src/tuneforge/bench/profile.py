@@ -100,12 +100,32 @@ class StepProfiler(TrainerCallback):
         self._profiler = None
 
 
-def format_profile(seconds_by_class: dict[str, float]) -> str:
+# Classes that are not the compute stream's work: NCCL runs on its own stream, and the data
+# wait is host time.
+NOT_COMPUTE = ("communication", "data wait (host)")
+
+
+def host_bound_seconds(seconds_by_class: dict[str, float], step_seconds: float) -> float:
+    """How long the GPU's compute stream has nothing to run in a step of `step_seconds`
+    (measured without the profiler, whose own per-operator cost would inflate it): the step's
+    time less the compute kernels' time. Large when the host cannot launch kernels as fast as
+    the GPU runs them (many small operators, synchronising copies)."""
+    busy = sum(seconds for name, seconds in seconds_by_class.items() if name not in NOT_COMPUTE)
+    return max(step_seconds - busy, 0.0)
+
+
+def format_profile(seconds_by_class: dict[str, float], step_seconds: float | None = None) -> str:
     total = sum(seconds_by_class.values()) or 1.0
-    return "\n".join(
+    lines = [
         f"    {name:<24} {seconds * 1000:9.1f} ms  {100 * seconds / total:5.1f}%"
         for name, seconds in seconds_by_class.items()
-    )
+    ]
+    if step_seconds:
+        idle = host_bound_seconds(seconds_by_class, step_seconds)
+        lines.append(
+            f"    GPU without work {idle * 1000:9.1f} ms of the unprofiled median step's {step_seconds * 1000:.1f} ms"
+        )
+    return "\n".join(lines)
 
 
-__all__ = ["KERNEL_CLASSES", "StepProfiler", "classify", "counted", "format_profile"]
+__all__ = ["KERNEL_CLASSES", "StepProfiler", "classify", "counted", "format_profile", "host_bound_seconds"]

@@ -69,6 +69,7 @@ class StepTimer(TrainerCallback):
             "steps": len(self.steps),
             "tokens_per_s_median": statistics.median(rates) if rates else None,
             "tokens_per_s_run": total_tokens / self.train_seconds if self.train_seconds else None,
+            "step_seconds_median": statistics.median(seconds for seconds, _ in measured) if measured else None,
             "tokens": total_tokens,
             "train_seconds": self.train_seconds,
             "peak_gib": torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else None,

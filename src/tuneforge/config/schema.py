@@ -610,6 +610,13 @@ class SpeedConfig(Section):
         "peft's own forward copies each adapted layer's input to the adapters' fp32 and back, and "
         "scales and adds in separate passes. Same adapter files either way. false: peft's forward.",
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile each decoder layer, so inductor fuses the elementwise work between "
+        "its matmuls (residual adds, casts, activation functions); recomputation stays around the "
+        "compiled layer. The first steps are slower while it compiles. One GPU or DDP: under FSDP "
+        "or DeepSpeed the engine's hooks run inside each layer's call.",
+    )
 
 
 class GuardsConfig(Section):
@@ -858,6 +865,11 @@ class Config(Section):
                 f"guards.spike_factor judges a supervised loss against its recent median; method "
                 f"'{self.method.name}' optimises a preference or reward objective, which can sit near or below "
                 "zero, where such a ratio means nothing: set guards.spike_factor: null"
+            )
+        if self.speed.compile and self.distributed.strategy != "ddp":
+            raise ValueError(
+                f"speed.compile compiles each decoder layer's call, where distributed.strategy "
+                f"'{self.distributed.strategy}' runs its own gather and release hooks: use it with ddp or one GPU"
             )
         if self.eval.tasks and not (self.data.eval_datasets or self.data.eval_split > 0):
             raise ValueError(

@@ -99,7 +99,7 @@ from tuneforge.train.run_dir import (
     trim_metrics,
     write_run_metadata,
 )
-from tuneforge.train.speed import plan_speed
+from tuneforge.train.speed import compile_decoder_layers, plan_speed
 from tuneforge.train.spike import count_rollbacks
 from tuneforge.train.summary import (
     RunResult,
@@ -323,6 +323,8 @@ def _setup_model(
     plan.apply(args)
     skip_unused_parameter_search(args, model, config.distributed, Ranks.from_env().world_size)
     _say(plan.describe())
+    if config.speed.compile:
+        _say(f"torch.compile: {compile_decoder_layers(model)} decoder layers")
     _say(check_before_training(plan, args.device))
     _attach_input_grads_for_checkpointing(model, args)
     _say(f"method {config.method.name}: {counts.describe()}")

@@ -161,8 +161,21 @@ def plan_speed(
     return plan
 
 
+def compile_decoder_layers(model: torch.nn.Module) -> int:
+    """`torch.compile` each decoder layer's forward (`nn.Module.compile`: the module stays in
+    place, so checkpoint wrapping, hooks and state-dict names are unchanged). The layers share
+    their code, so one compiled graph serves them all. Returns how many were compiled."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
 __all__ = [
     "SpeedPlan",
+    "compile_decoder_layers",
     "liger_model_types",
     "plan_activations",
     "plan_speed",
