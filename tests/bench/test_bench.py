@@ -35,6 +35,13 @@ def test_tuneforge_and_plain_hf_train_the_same_model_on_the_same_rows(shared_dir
     assert by_system["hf"]["x_hf"] == 1.0
     assert by_system["tuneforge"]["x_hf"] == pytest.approx(ran[0]["tokens_per_s"] / ran[2]["tokens_per_s"])
     assert set(by_system["tuneforge"]["profile_seconds"]) >= {"matmul", "data wait (host)"}
+    assert by_system["tuneforge"]["step_seconds_median"] > 0
+    import gzip
+
+    traces = sorted((tmp_path / "work").glob("result-*tuneforge*.json.trace.json.gz"))
+    assert len(traces) == 2  # the timeline of each tuneforge run's profiled step
+    timeline = json.loads(gzip.decompress(traces[0].read_bytes()))
+    assert any(event.get("name", "").startswith("aten::mm") for event in timeline["traceEvents"])
     out = capsys.readouterr().out
     assert f"| tiny-lora | {recompute} |" in out and "profile of one tiny-lora step" in out
     assert (tmp_path / "other-cache").is_dir()  # the override reached the run

@@ -54,10 +54,13 @@ def counted(event: Any, on_gpu: bool) -> bool:
 
 
 class StepProfiler(TrainerCallback):
-    """Profiles optimizer step number `step` (1-based) and keeps the device time per kernel class."""
+    """Profiles optimizer step number `step` (1-based) and keeps the device time per kernel class;
+    with `trace_path` (ending in .json.gz) also writes the step's timeline with Python stacks,
+    for chrome://tracing or Perfetto: where the GPU waits, the host code it waits for."""
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, trace_path: str | None = None) -> None:
         self.step = step
+        self.trace_path = trace_path
         self.seconds_by_class: dict[str, float] = {}
         self._profiler: Any = None
         self._last_step_end = 0.0
@@ -72,7 +75,7 @@ class StepProfiler(TrainerCallback):
         activities = [torch.profiler.ProfilerActivity.CPU]
         if torch.cuda.is_available():
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        self._profiler = torch.profiler.profile(activities=activities)
+        self._profiler = torch.profiler.profile(activities=activities, with_stack=self.trace_path is not None)
         self._profiler.__enter__()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -82,6 +85,8 @@ class StepProfiler(TrainerCallback):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self._profiler.__exit__(None, None, None)
+        if self.trace_path:
+            self._profiler.export_chrome_trace(self.trace_path)
         totals: dict[str, float] = {}
         on_gpu = torch.cuda.is_available()
         for event in self._profiler.key_averages():

@@ -224,7 +224,7 @@ def main(argv: list[str]) -> int:
     if "--profile" in flags:
         from tuneforge.bench.profile import StepProfiler
 
-        callbacks.append(StepProfiler(step=WARMUP_STEPS + 1))
+        callbacks.append(StepProfiler(step=WARMUP_STEPS + 1, trace_path=f"{result_path}.trace.json.gz"))
     SYSTEMS[system](case, Path(work), callbacks, overrides)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # rank 0's timer and memory are the result

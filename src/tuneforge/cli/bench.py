@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--systems", default="tuneforge,hf,trl,unsloth", help="comma-separated, of: tuneforge, hf, trl, unsloth; tuneforge+KEY=VALUE[+...] adds a tuneforge run with config overrides")
     parser.add_argument("--work", type=Path, default=Path("bench-work"), help="assets, rows, logs (weights are large)")
     parser.add_argument("--output", type=Path, help="write the results as JSON here")
-    parser.add_argument("--profile", action="store_true", help="also show where one tuneforge step's time goes")
+    parser.add_argument("--profile", action="store_true", help="also show where one tuneforge step's time goes (and write its timeline beside the results: *.trace.json.gz)")
     parser.add_argument("--peers-path", help="PYTHONPATH of an environment with Unsloth installed")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per case and system")
 
