@@ -113,7 +113,7 @@ class LayerCalls(TrainerCallback):
             layer.mlp.register_forward_pre_hook(lambda module, args, i=index: self.calls.__setitem__(i, self.calls[i] + 1))
 
 
-def one_step_gradients(tmp_path, model_dir, plan: SpeedPlan):
+def one_step_gradients(tmp_path, model_dir, plan: SpeedPlan, callbacks=()):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float64)
     model.config.num_hidden_layers = len(model.model.layers)
@@ -124,7 +124,9 @@ def one_step_gradients(tmp_path, model_dir, plan: SpeedPlan):
     )
     plan.apply(args)
     batch = {"input_ids": torch.arange(2, 34).view(2, 16), "labels": torch.arange(2, 34).view(2, 16)}
-    trainer = Trainer(model=model, args=args, train_dataset=[{k: v[i] for k, v in batch.items()} for i in range(2)])
+    trainer = Trainer(
+        model=model, args=args, train_dataset=[{k: v[i] for k, v in batch.items()} for i in range(2)], callbacks=list(callbacks)
+    )
     grads = {}
 
     class Grab(TrainerCallback):
@@ -220,3 +222,124 @@ def test_a_compiled_lora_run_learns_with_the_fused_lora_forward(tmp_path, tiny_m
     )
     assert "torch.compile: 2 decoder layers" in capsys.readouterr().out
     assert result.eval_loss_after < result.eval_loss_before
+
+
+def test_reentrant_checkpointing_gives_the_kept_gradients_and_is_used_where_exact(tmp_path, tiny_model_dir, monkeypatch):
+    decisions = []
+
+    def spy(function, args):
+        decisions.append(exact := speed.reentrant_is_exact.__wrapped__(function, args))
+        return exact
+
+    spy.__wrapped__ = speed.reentrant_is_exact
+    monkeypatch.setattr(speed, "reentrant_is_exact", spy)
+    kept, _ = one_step_gradients(tmp_path / "keep", tiny_model_dir, SpeedPlan(False, "off", "keep"))
+    reentrant, calls = one_step_gradients(
+        tmp_path / "re", tiny_model_dir, SpeedPlan(False, "off", "recompute"),
+        callbacks=[speed.LayerCheckpointing(reentrant=True, offload=False)],
+    )
+    assert calls == [2, 2]  # both layers recomputed in the backward
+    assert decisions == [True, True]  # the embeddings train, so the hidden states carry gradients
+    assert kept.keys() == reentrant.keys() and kept
+    for name in kept:
+        torch.testing.assert_close(reentrant[name], kept[name], rtol=1e-10, atol=1e-12)
+
+
+def test_layers_whose_inputs_carry_no_gradient_keep_non_reentrant_checkpointing(tiny_model_dir):
+    """PITFALLS: re-entrant checkpointing of a layer whose inputs need no gradient silently gives
+    its trainable parameters none (a frozen embedding and no input-gradient hook, as in a LoRA or
+    vision-tower layer)."""
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float64).train()
+    model.requires_grad_(False)
+    layer = model.model.layers[1]
+    layer.mlp.down_proj.weight.requires_grad_(True)  # the one trainable weight, inside the layer
+    model.model.layers[0].gradient_checkpointing = layer.gradient_checkpointing = True
+    for module in model.model.layers:
+        module._gradient_checkpointing_func = speed._LayerCheckpoint(partial(checkpoint, use_reentrant=False), True, False)
+    ids = torch.arange(3, 19).view(1, 16)
+    assert not speed.reentrant_is_exact(partial(layer.forward), (model.model.embed_tokens(ids),))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert layer.mlp.down_proj.weight.grad is not None and layer.mlp.down_proj.weight.grad.abs().sum() > 0
+    # A gradient-carrying tensor passed by keyword is not one of the re-entrant function's inputs.
+    hidden = torch.ones(1, 2, requires_grad=True)
+    assert speed.reentrant_is_exact(partial(layer.forward, mask=None), (hidden,))
+    assert not speed.reentrant_is_exact(partial(layer.forward, extra=hidden * 2), (hidden,))
+
+
+def test_reentrant_checkpointing_is_for_one_process_or_ddp_without_the_unused_parameter_search():
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none")
+    offload = SpeedPlan(False, "off", "offload").layer_checkpointing(args, "ddp")
+    assert (offload.reentrant, offload.offload) == (True, True)
+    assert SpeedPlan(False, "off", "keep").layer_checkpointing(args, "ddp") is None
+    for engine in ("fsdp", "deepspeed"):
+        plan = SpeedPlan(False, "off", "recompute").layer_checkpointing(args, engine)
+        assert (plan.reentrant, plan.offload) == (False, False)
+    args.ddp_find_unused_parameters = True
+    assert not SpeedPlan(False, "off", "recompute").layer_checkpointing(args, "ddp").reentrant
+
+
+def test_offloaded_layers_train_as_kept_ones_and_their_inputs_go_through_the_offload_hooks(tmp_path, tiny_model_dir, monkeypatch):
+    packed = []
+    original = speed.OffloadToCpu._pack
+    monkeypatch.setattr(speed.OffloadToCpu, "_pack", classmethod(lambda cls, t: packed.append(t.shape) or original.__func__(cls, t)))
+    kept, _ = one_step_gradients(tmp_path / "keep", tiny_model_dir, SpeedPlan(False, "off", "keep"))
+    for reentrant in (True, False):
+        packed.clear()
+        offloaded, calls = one_step_gradients(
+            tmp_path / f"off{reentrant}", tiny_model_dir, SpeedPlan(False, "off", "offload"),
+            callbacks=[speed.LayerCheckpointing(reentrant=reentrant, offload=True)],
+        )
+        assert calls == [2, 2]
+        assert torch.Size([2, 16, 32]) in packed  # each layer's hidden-state input (batch x tokens x hidden)
+        for name in kept:
+            torch.testing.assert_close(offloaded[name], kept[name], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="offloading copies between a CUDA GPU and pinned memory")
+def test_offload_keeps_the_saved_tensors_in_cpu_memory_and_gives_the_same_gradients():
+    device = torch.device("cuda")
+    weight = torch.randn(1024, 1024, device=device, requires_grad=True)
+    x = torch.randn(4096, 1024, device=device)
+
+    def run(offload: bool):
+        weight.grad = None
+        with speed.OffloadToCpu() if offload else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            hidden = [x]
+            for _ in range(8):
+                hidden.append(torch.tanh(hidden[-1] @ weight))
+            del hidden[:-1]
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated()
+        hidden[-1].sum().backward()
+        return held, weight.grad.clone()
+
+    kept_bytes, kept_grad = run(False)
+    offloaded_bytes, offloaded_grad = run(True)
+    assert kept_bytes - offloaded_bytes >= 8 * 4096 * 1024 * 4  # the eight activations left the GPU
+    torch.testing.assert_close(offloaded_grad, kept_grad)
+
+
+def test_the_trainer_counts_the_parameters_for_its_flops_once(tmp_path, tiny_model_dir, monkeypatch):
+    """transformers counts them on every step (a walk over every module: 60 ms of host time on
+    an 8B LoRA step); the figures stay the Trainer's own."""
+    from tuneforge.train.trainer import FlopsPerTokenOnceMixin
+
+    class Counted(FlopsPerTokenOnceMixin, Trainer):
+        pass
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    trainer = Counted(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"))
+    batches = [{"input_ids": torch.ones(2, 8, dtype=torch.long)}, {"input_ids": torch.ones(3, 5, dtype=torch.long)}]
+    expected = [Trainer.floating_point_ops(trainer, batch) for batch in batches]
+    assert expected[0] > 0
+    walks = []
+    original = type(model).num_parameters
+    monkeypatch.setattr(type(model), "num_parameters", lambda self, *a, **k: walks.append(1) or original(self, *a, **k))
+    assert [trainer.floating_point_ops(batch) for batch in batches * 3] == expected * 3
+    assert len(walks) == 1
+    assert trainer.floating_point_ops({"pixel_values": torch.ones(1)}) == 0  # no token ids: the Trainer's answer

@@ -99,7 +99,7 @@ from tuneforge.train.run_dir import (
     trim_metrics,
     write_run_metadata,
 )
-from tuneforge.train.speed import compile_decoder_layers, plan_speed
+from tuneforge.train.speed import SpeedPlan, compile_decoder_layers, plan_speed
 from tuneforge.train.spike import count_rollbacks
 from tuneforge.train.summary import (
     RunResult,
@@ -291,8 +291,8 @@ def _check_data(config: Config, datasets: Datasets) -> None:
 def _setup_model(
     config: Config, args: transformers.TrainingArguments, tokenizer: Any, run_dir: Path,
     images: ImageInputs | None = None,
-) -> tuple[Any, ParameterCounts, Path | None, str | None]:
-    """Load the model, pick packed attention, keep random base weights, apply the method."""
+) -> tuple[Any, ParameterCounts, Path | None, str | None, SpeedPlan]:
+    """Load the model, pick packed attention, keep random base weights, apply the method, plan its speed settings."""
     model = load_model(config.model)
     method = weights_method(config.method)
     if images is not None:
@@ -329,7 +329,7 @@ def _setup_model(
     _attach_input_grads_for_checkpointing(model, args)
     _say(f"method {config.method.name}: {counts.describe()}")
     check_disk_space(run_dir, estimate_run_bytes(model, args))
-    return model, counts, base_dir, model_class
+    return model, counts, base_dir, model_class, plan
 
 
 def _collator(config: Config, args: transformers.TrainingArguments, tokenizer: Any, datasets: Datasets) -> Any:
@@ -456,7 +456,7 @@ def train(
     if resume is not None:
         check_resume_data(resume, datasets.fingerprint, config.output.resume_on_changed_data)
 
-    model, counts, base_dir, model_class = _setup_model(config, args, tokenizer, run_dir, datasets.images)
+    model, counts, base_dir, model_class, plan = _setup_model(config, args, tokenizer, run_dir, datasets.images)
     metrics_path = run_dir / "metrics.jsonl"
     if resume is not None and ranks.is_main:
         trim_metrics(metrics_path, checkpoint_step(resume))
@@ -473,6 +473,9 @@ def train(
         report_after_metrics(trainer)
         check_engine(trainer, config.distributed, ranks.world_size)
         keep_gradients_in_buckets(trainer, config.distributed, ranks.world_size)
+        layer_checkpointing = plan.layer_checkpointing(args, planned_engine(config.distributed, ranks.world_size))
+        if layer_checkpointing is not None:
+            trainer.add_callback(layer_checkpointing)
         trainer.checkpoint_layout = {
             **checkpoint_layout(config.distributed, ranks.world_size), "data_fingerprint": datasets.fingerprint,
         }

@@ -6,18 +6,21 @@
 
 Everything here selects features that transformers and Liger already implement: Liger's kernels
 through `TrainingArguments.use_liger_kernel`, selective recomputation through
-`gradient_checkpointing_kwargs={"every_n_layers": N}` and CPU offload of the recomputation inputs
-through `{"offload": True}` (both handled by `PreTrainedModel.gradient_checkpointing_enable`).
-What tuneforge adds is the choice: `auto` picks the fastest setting the GPU's memory holds.
+`gradient_checkpointing_kwargs={"every_n_layers": N}` (handled by
+`PreTrainedModel.gradient_checkpointing_enable`). What tuneforge adds is the choice (`auto` picks
+the fastest setting the GPU's memory holds) and how the recomputed layers run
+(`LayerCheckpointing`: re-entrant where exact, inputs offloaded on a side stream).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from transformers import TrainerCallback
 
 from tuneforge.config.schema import SpeedConfig
 from tuneforge.errors import ConfigError
@@ -84,13 +87,17 @@ class SpeedPlan:
             kwargs = {"use_reentrant": False, **self.checkpoint_kwargs}
             if self.recompute_every > 1:
                 kwargs["every_n_layers"] = self.recompute_every
-            if self.activations == "offload":
-                kwargs["offload"] = True
         # transformers >= 5.2x reads `activation_checkpointing*`; earlier 5.x `gradient_checkpointing*`.
         for prefix in ("gradient", "activation"):
             if hasattr(args, f"{prefix}_checkpointing"):
                 setattr(args, f"{prefix}_checkpointing", recompute)
                 setattr(args, f"{prefix}_checkpointing_kwargs", kwargs)
+
+    def layer_checkpointing(self, args: Any, engine: str) -> LayerCheckpointing | None:
+        """The callback that runs the recomputed layers as planned (None when nothing is recomputed)."""
+        if self.activations == "keep":
+            return None
+        return LayerCheckpointing(reentrant=reentrant_checkpointing_applies(args, engine), offload=self.activations == "offload")
 
     def describe(self) -> str:
         where = {
@@ -161,6 +168,102 @@ def plan_speed(
     return plan
 
 
+def reentrant_is_exact(function: Any, args: tuple[Any, ...]) -> bool:
+    """Whether re-entrant checkpointing gives every gradient for this call of a layer.
+
+    Re-entrant checkpointing runs the layer as one autograd function of its positional
+    tensors: when none of them requires a gradient the output does not either, and the
+    parameters inside get none; a tensor passed by keyword (bound into `function`, a
+    `functools.partial`) gets none. Non-re-entrant checkpointing has neither gap.
+    """
+    if not torch.is_grad_enabled() or not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return False
+    keywords = getattr(function, "keywords", {}) or {}
+    return not any(isinstance(value, torch.Tensor) and value.requires_grad for value in keywords.values())
+
+
+class OffloadToCpu(torch.autograd.graph.saved_tensors_hooks):
+    """Tensors saved for the backward pass under it live in pinned CPU memory.
+
+    Unlike `torch.autograd.graph.save_on_cpu` (what transformers' `offload` uses), the copy out
+    runs on a side CUDA stream, overlapping the next layer's compute instead of queueing in front
+    of it; the copy back waits only for its own copy out. CPU tensors are kept as they are.
+    """
+
+    _streams: ClassVar[dict[torch.device, torch.cuda.Stream]] = {}  # one copy stream a GPU
+
+    def __init__(self) -> None:
+        super().__init__(self._pack, self._unpack)
+
+    @classmethod
+    def _pack(cls, tensor: torch.Tensor) -> Any:
+        if tensor.device.type != "cuda":
+            return tensor
+        compute = torch.cuda.current_stream(tensor.device)
+        stream = cls._streams.setdefault(tensor.device, torch.cuda.Stream(tensor.device))
+        stream.wait_stream(compute)  # the tensor is written by kernels queued before this point
+        with torch.cuda.stream(stream):
+            host = torch.empty(tensor.size(), dtype=tensor.dtype, layout=tensor.layout, pin_memory=True)
+            host.copy_(tensor, non_blocking=True)
+            copied = stream.record_event()
+        tensor.record_stream(stream)  # its memory is not reused before the copy has read it
+        return tensor.device, host, copied
+
+    @staticmethod
+    def _unpack(packed: Any) -> torch.Tensor:
+        if isinstance(packed, torch.Tensor):
+            return packed
+        device, host, copied = packed
+        torch.cuda.current_stream(device).wait_event(copied)
+        return host.to(device, non_blocking=True)
+
+
+class _LayerCheckpoint:
+    """A decoder layer's checkpoint function: re-entrant where that is exact
+    (`reentrant_is_exact`) and allowed, the layer's inputs offloaded when asked."""
+
+    def __init__(self, checkpoint: Any, reentrant: bool, offload: bool) -> None:
+        self.checkpoint = checkpoint  # transformers' partial(checkpoint, use_reentrant=False, ...)
+        self.reentrant = reentrant
+        self.offload = offload
+
+    def __call__(self, function: Any, *args: Any) -> Any:
+        kwargs = {"use_reentrant": True} if self.reentrant and reentrant_is_exact(function, args) else {}
+        with OffloadToCpu() if self.offload else contextlib.nullcontext():
+            return self.checkpoint(function, *args, **kwargs)
+
+
+class LayerCheckpointing(TrainerCallback):
+    """How recomputed decoder layers run: re-entrant checkpointing where allowed, inputs
+    offloaded to CPU memory for `speed.activations: offload`.
+
+    Non-re-entrant checkpointing, transformers' default, runs a Python hook for every tensor a
+    layer saves, in the forward and again in the recomputation: on an 8B LoRA step the GPU
+    waited for the host 153 ms of 495; re-entrant, 70 ms (docs/benchmarks.md). Re-entrant
+    checkpointing misses gradients in the cases `reentrant_is_exact` rules out, which keep the
+    non-re-entrant path, and it cannot mark DDP's gradients ready during the unused-parameter
+    search, so runs with that search and the sharding engines keep it off (`reentrant=False`).
+    The Trainer enables checkpointing inside `train()`, so the swap happens at its start.
+    """
+
+    def __init__(self, reentrant: bool, offload: bool) -> None:
+        self.reentrant = reentrant
+        self.offload = offload
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        for module in model.modules():
+            func = getattr(module, "_gradient_checkpointing_func", None)
+            if isinstance(module, GradientCheckpointingLayer) and func is not None and not isinstance(func, _LayerCheckpoint):
+                module._gradient_checkpointing_func = _LayerCheckpoint(func, self.reentrant, self.offload)
+
+
+def reentrant_checkpointing_applies(args: Any, engine: str) -> bool:
+    """Re-entrant checkpointing is for one process or DDP without the unused-parameter search."""
+    return engine == "ddp" and not args.ddp_find_unused_parameters
+
+
 def compile_decoder_layers(model: torch.nn.Module) -> int:
     """`torch.compile` each decoder layer's forward (`nn.Module.compile`: the module stays in
     place, so checkpoint wrapping, hooks and state-dict names are unchanged). The layers share
@@ -174,10 +277,14 @@ def compile_decoder_layers(model: torch.nn.Module) -> int:
 
 
 __all__ = [
+    "LayerCheckpointing",
+    "OffloadToCpu",
     "SpeedPlan",
     "compile_decoder_layers",
     "liger_model_types",
     "plan_activations",
     "plan_speed",
+    "reentrant_checkpointing_applies",
+    "reentrant_is_exact",
     "resolve_liger",
 ]

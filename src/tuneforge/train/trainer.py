@@ -18,7 +18,26 @@ from tuneforge.train.guards import NonFiniteGuardMixin
 from tuneforge.train.spike import LossSpikeGuardMixin
 
 
-class TuneforgeTrainer(NonFiniteGuardMixin, LossSpikeGuardMixin, AtomicCheckpointMixin, Trainer):
+class FlopsPerTokenOnceMixin:
+    """The Trainer adds each batch's floating-point operations to `total_flos` at every step,
+    counting the model's parameters anew (`num_parameters` walks every module): on an 8B LoRA
+    step about 60 ms of host time, over which the GPU ran out of work (docs/benchmarks.md).
+    The count is fixed while training, so the Trainer's own figure for one token is taken once
+    and scaled by the batch's tokens. Put it before `Trainer` in the bases."""
+
+    _flops_per_token: float | None = None
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> float:
+        tokens = inputs.get(getattr(self.model, "main_input_name", "input_ids"))  # type: ignore[attr-defined]
+        if not isinstance(tokens, torch.Tensor):
+            return super().floating_point_ops(inputs)  # type: ignore[misc]
+        if self._flops_per_token is None:
+            one_token = {getattr(self.model, "main_input_name", "input_ids"): tokens.new_zeros(1)}  # type: ignore[attr-defined]
+            self._flops_per_token = super().floating_point_ops(one_token)  # type: ignore[misc]
+        return self._flops_per_token * tokens.numel()
+
+
+class TuneforgeTrainer(FlopsPerTokenOnceMixin, NonFiniteGuardMixin, LossSpikeGuardMixin, AtomicCheckpointMixin, Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # Summed on the device and read only when logging: no host sync per step.
@@ -45,4 +64,4 @@ class TuneforgeTrainer(NonFiniteGuardMixin, LossSpikeGuardMixin, AtomicCheckpoin
         super().log(logs, *args, **kwargs)
 
 
-__all__ = ["TuneforgeTrainer"]
+__all__ = ["FlopsPerTokenOnceMixin", "TuneforgeTrainer"]
