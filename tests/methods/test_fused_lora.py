@@ -11,9 +11,13 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
-from tuneforge.methods.fused_lora import FusedLora, install_fused_lora
-from tuneforge.plan.estimate import estimate_memory
 from tests.conftest import successor_rows, write_jsonl
+from tuneforge.methods.fused_lora import (
+    FusedLora,
+    install_fused_lora,
+    install_fused_lora_mlp,
+)
+from tuneforge.plan.estimate import estimate_memory
 from tuneforge.train import train
 
 TOKENS = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -110,6 +114,73 @@ def test_fused_forward_keeps_no_copies_of_layer_inputs():
     assert estimate_memory(fused_model, tokens, liger=False).per_layer < estimate_memory(peft_model, tokens, liger=False).per_layer
 
 
+@pytest.mark.parametrize(
+    ("dtype", "device"),
+    [
+        (torch.float64, "cpu"),
+        (torch.bfloat16, "cpu"),
+        pytest.param(torch.bfloat16, "cuda", marks=[  # Liger's SwiGLU kernels
+            pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ]),
+    ],
+)
+def test_the_fused_mlp_gives_the_fused_adapters_outputs_and_gradients(dtype, device):
+    reference = _lora_model(dtype).to(device)
+    install_fused_lora(reference)
+    fused = copy.deepcopy(reference)
+    assert install_fused_lora_mlp(fused) == 2
+    ref_loss, ref_grads, ref_input_grad = _loss_and_grads(reference)
+    loss, grads, input_grad = _loss_and_grads(fused)
+    assert set(grads) == set(ref_grads)
+    if dtype == torch.float64:  # compared in fp32 (`_loss_and_grads`): summation order only
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-7)
+        for name, grad in ref_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-6, atol=1e-7, msg=name)
+        torch.testing.assert_close(input_grad, ref_input_grad, rtol=1e-6, atol=1e-7)
+        return
+    assert loss == pytest.approx(ref_loss.item(), rel=1e-2)  # bf16: the same direction, rounding apart
+    for name, grad in [*ref_grads.items(), ("input", ref_input_grad)]:
+        mine = input_grad if name == "input" else grads[name]
+        assert torch.nn.functional.cosine_similarity(mine.flatten(), grad.flatten(), dim=0) > 0.999, name
+
+
+def test_the_fused_mlp_keeps_gate_and_up_but_not_their_product():
+    """The down adapter's input, silu(gate) * up, is what a LoRA MLP would keep on top of the
+    SwiGLU's gate and up: one ffn-wide tensor a token per layer (3.5 GiB on an 8B model)."""
+    reference = _lora_model(torch.bfloat16)
+    install_fused_lora(reference)
+    fused = copy.deepcopy(reference)
+    install_fused_lora_mlp(fused)
+    ffn_wide = TOKENS.numel() * 160 * 2  # bf16 bytes of one ffn-wide activation
+    assert _saved_bytes(reference) - _saved_bytes(fused) >= 2 * ffn_wide  # both layers, at least the product each
+    plain = copy.deepcopy(reference)
+    plain.base_model.model.model.layers[0].mlp.act_fn = torch.nn.GELU()  # not SwiGLU: left alone
+    assert install_fused_lora_mlp(plain) == 1
+    # The planner counts it: the largest layer (the GELU one, unfused) keeps the product too.
+    tokens = TOKENS.numel()
+    kept = estimate_memory(plain, tokens, liger=True).per_layer - estimate_memory(reference, tokens, liger=True).per_layer
+    assert kept == ffn_wide
+
+
+def test_the_fused_mlp_follows_the_adapter_switches():
+    """A DPO reference pass runs with the adapters off; a merged adapter is in the weights."""
+    model = _lora_model()
+    install_fused_lora(model)
+    install_fused_lora_mlp(model)
+    with torch.no_grad():
+        with model.disable_adapter():
+            off = model(input_ids=TOKENS).logits
+        base = copy.deepcopy(model).base_model.model
+        for module in base.modules():
+            if hasattr(module, "disable_adapters") and hasattr(module, "lora_A"):
+                module.enable_adapters(False)
+        torch.testing.assert_close(off, base(input_ids=TOKENS).logits)
+        on = model(input_ids=TOKENS).logits
+        assert not torch.allclose(on, off)
+        model.merge_adapter()
+        torch.testing.assert_close(model(input_ids=TOKENS).logits, on, rtol=1e-4, atol=1e-5)
+
+
 def test_merging_a_fused_adapter_is_plain_lora_merging():
     model = _lora_model()
     install_fused_lora(model)
@@ -153,6 +224,11 @@ class _FusedCount(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.fused = sum(isinstance(m.lora_variant.get("default"), FusedLora) for m in model.modules() if hasattr(m, "lora_variant"))
 
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        from tuneforge.methods.fused_lora import _swiglu_down_lora_forward
+
+        self.fused_mlps = sum(getattr(m.forward, "__func__", None) is _swiglu_down_lora_forward for m in model.modules())
+
 
 def test_the_config_switch_trains_the_same_run(tmp_path, tiny_model_dir):
     data = write_jsonl(tmp_path / "successor.jsonl", successor_rows(24))
@@ -172,7 +248,8 @@ def test_the_config_switch_trains_the_same_run(tmp_path, tiny_model_dir):
         result = train(config, callbacks=[counter])
         lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
         losses[fused] = [json.loads(line)["loss"] for line in lines if '"loss"' in line]
-        fused_layers[fused] = counter.fused
-    assert fused_layers[False] == 0 and fused_layers[True] > 0
+        fused_layers[fused] = (counter.fused, counter.fused_mlps)
+    assert fused_layers[False] == (0, 0)
+    assert fused_layers[True] == (2 * 7, 2)  # every adapted linear, and both layers' MLPs
     assert len(losses[True]) == 6 and losses[True][-1] < losses[True][0]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)

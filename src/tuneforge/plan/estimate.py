@@ -315,16 +315,21 @@ def _saved_per_token(
     keys and values and their copies; the attention output; the MLP's gate and up projections
     (and, without Liger's fused SwiGLU, the activation between them). Without Liger's RMSNorm a
     16-bit norm also keeps its fp32 input (twice the bytes).
-    Linear inputs (norm outputs, the attention output's copy, the MLP activation): kept once when
+    Linear inputs (norm outputs, the attention output's copy, the MLP activation; not the MLP
+    activation when `install_fused_lora_mlp` applies, which recomputes it): kept once when
     the base weights train, or when adapters read them as they are (4-bit base, or tuneforge's
     fused LoRA forward). peft's LoRA forward on a 16-bit base instead keeps one copy per adapted
     linear: it casts the input to the adapters' fp32, autocast back to bf16, and that copy is what
     the adapter's matmul saves.
     """
+    from tuneforge.methods.fused_lora import recomputes_swiglu_product
+
     h, q, kv, ffn = shape.hidden, shape.q_width, shape.kv_width, shape.ffn
     norms = 2 * h if liger else 2 * h * (2 if compute_16bit else 1)
-    saved = norms + 2 * q + 4 * kv + q + (2 if liger else 3) * ffn
-    linear_inputs = 2 * h + q + ffn
+    # With the fused LoRA MLP neither the SwiGLU nor the down projection keeps their product.
+    fused_mlp = recomputes_swiglu_product(getattr(layer, "mlp", torch.nn.Module()))
+    saved = norms + 2 * q + 4 * kv + q + (2 if liger or fused_mlp else 3) * ffn
+    linear_inputs = 2 * h + q + (0 if fused_mlp else ffn)
     base_trains = any(
         p.requires_grad for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in name
         for p in m.parameters(recurse=False)

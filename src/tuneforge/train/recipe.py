@@ -99,7 +99,12 @@ from tuneforge.train.run_dir import (
     trim_metrics,
     write_run_metadata,
 )
-from tuneforge.train.speed import SpeedPlan, compile_decoder_layers, plan_speed
+from tuneforge.train.speed import (
+    FusedLoraMlp,
+    SpeedPlan,
+    compile_decoder_layers,
+    plan_speed,
+)
 from tuneforge.train.spike import count_rollbacks
 from tuneforge.train.summary import (
     RunResult,
@@ -476,6 +481,8 @@ def train(
         layer_checkpointing = plan.layer_checkpointing(args, planned_engine(config.distributed, ranks.world_size))
         if layer_checkpointing is not None:
             trainer.add_callback(layer_checkpointing)
+        if config.speed.fused_lora:
+            trainer.add_callback(FusedLoraMlp())
         trainer.checkpoint_layout = {
             **checkpoint_layout(config.distributed, ranks.world_size), "data_fingerprint": datasets.fingerprint,
         }

@@ -259,6 +259,19 @@ class LayerCheckpointing(TrainerCallback):
                 module._gradient_checkpointing_func = _LayerCheckpoint(func, self.reentrant, self.offload)
 
 
+class FusedLoraMlp(TrainerCallback):
+    """SwiGLU MLPs with a fused LoRA down projection keep no `silu(gate) * up` product
+    (`methods.fused_lora.install_fused_lora_mlp`). Installed when training begins, after the
+    Trainer's Liger patch, which binds its own MLP forward."""
+
+    switched = 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        from tuneforge.methods.fused_lora import install_fused_lora_mlp
+
+        self.switched = install_fused_lora_mlp(model)
+
+
 def reentrant_checkpointing_applies(args: Any, engine: str) -> bool:
     """Re-entrant checkpointing is for one process or DDP without the unused-parameter search."""
     return engine == "ddp" and not args.ddp_find_unused_parameters
@@ -277,6 +290,7 @@ def compile_decoder_layers(model: torch.nn.Module) -> int:
 
 
 __all__ = [
+    "FusedLoraMlp",
     "LayerCheckpointing",
     "OffloadToCpu",
     "SpeedPlan",
