@@ -181,6 +181,18 @@ def test_the_fused_mlp_follows_the_adapter_switches():
         torch.testing.assert_close(model(input_ids=TOKENS).logits, on, rtol=1e-4, atol=1e-5)
 
 
+def test_the_adapter_adds_into_the_base_output_without_a_copy():
+    """An out-of-place addmm first copies the base output into its own (5 ms a step on 8B LoRA)."""
+    model = _lora_model()
+    install_fused_lora(model)
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    seen = {}
+    q_proj.base_layer.register_forward_hook(lambda module, args, output: seen.__setitem__("base", output.data_ptr()))
+    q_proj.register_forward_hook(lambda module, args, output: seen.__setitem__("lora", output.data_ptr()))
+    model(input_ids=TOKENS)
+    assert seen["lora"] == seen["base"]
+
+
 def test_merging_a_fused_adapter_is_plain_lora_merging():
     model = _lora_model()
     install_fused_lora(model)
