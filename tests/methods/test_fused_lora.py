@@ -179,6 +179,9 @@ def test_the_fused_mlp_follows_the_adapter_switches():
         assert not torch.allclose(on, off)
         model.merge_adapter()
         torch.testing.assert_close(model(input_ids=TOKENS).logits, on, rtol=1e-4, atol=1e-5)
+        model.unmerge_adapter()
+        merged = model.merge_and_unload()  # plain linear layers under the MLP's forward now
+        torch.testing.assert_close(merged(input_ids=TOKENS).logits, on, rtol=1e-4, atol=1e-5)
 
 
 def test_the_adapter_adds_into_the_base_output_without_a_copy():

@@ -157,12 +157,12 @@ def test_the_plan_reads_zero3_partitioned_experts_at_their_full_shape():
     plan's 16-bit expert count read its shape and found no experts."""
     import torch
 
-    from tuneforge.plan.estimate import unquantized_expert_bytes
+    from tuneforge.plan.estimate import expert_bytes
 
     model = torch.nn.Module()
     model.experts = torch.nn.Parameter(torch.zeros(4, 6, 8, dtype=torch.bfloat16))
     expected = 4 * 6 * 8 * 2
-    assert unquantized_expert_bytes(model) == expected
+    assert expert_bytes(model) == expected
     model.experts.ds_shape, model.experts.ds_numel = model.experts.shape, model.experts.numel()
     model.experts.data = torch.empty(0, dtype=torch.bfloat16)
-    assert unquantized_expert_bytes(model) == expected
+    assert expert_bytes(model) == expected

@@ -198,9 +198,12 @@ def test_zero3_with_mixed_precision_is_planned_with_an_fp32_master_copy_as_measu
         assert estimate.total(every, False) / GIB == pytest.approx(measured, rel=0.05)
 
 
-def test_a_quantized_moe_plan_says_its_fused_experts_stay_in_16_bits(tmp_path, tiny_model_dir):
+def test_a_quantized_moe_plan_counts_its_fused_experts_as_tuneforge_stores_them(tmp_path, tiny_model_dir):
+    """bitsandbytes quantizes linear layers only: 8-bit keeps the fused 3-D experts in 16 bits;
+    4-bit stores them as NF4 (models/quantized_experts.py) and dequantizes one layer's at a time."""
     from transformers import MixtralConfig
 
+    from tuneforge.plan.estimate import NF4_BYTES_PER_PARAMETER
     from tuneforge.plan.planner import PlanOptions, plan_config
 
     mixtral = tmp_path / "tiny-mixtral"
@@ -209,12 +212,21 @@ def test_a_quantized_moe_plan_says_its_fused_experts_stay_in_16_bits(tmp_path, t
         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
     ).save_pretrained(str(mixtral))
     settings = recipe_config(tmp_path, tiny_model_dir)
-    settings["model"] = {"path": str(mixtral), "init": "random", "quantization": "4bit"}
     settings["method"] = {"name": "lora", "r": 4}
-    plan = plan_config(load_config(settings), PlanOptions(tokens=1000))
-    experts = 2 * 4 * (2 * 96 * 64 + 64 * 96) * 2  # layers x experts x (gate_up + down) x bf16 bytes
-    assert f"fused MoE experts ({experts / GIB:.1f} GiB" in plan.table() and plan.to_json()["notes"]
-    # Counted in 16 bits: the weights hold the experts' bf16 bytes on top of the quantized rest.
-    assert plan.estimate.weights > experts
-    dense = plan_config(load_config({**settings, "model": {**settings["model"], "path": str(tiny_model_dir)}}), PlanOptions(tokens=1000))
+    values = 2 * 4 * (2 * 96 * 64 + 64 * 96)  # layers x experts x (gate_up + down)
+    plans = {
+        bits: plan_config(load_config({**settings, "model": {"path": str(mixtral), "init": "random", "quantization": bits}}),
+                          PlanOptions(tokens=1000))
+        for bits in ("4bit", "8bit")
+    }
+    assert f"fused MoE experts ({values * 2 / GIB:.1f} GiB, 3-D parameters) stay in" in plans["8bit"].table()
+    assert "stores this model's fused MoE experts" in plans["4bit"].table() and plans["4bit"].to_json()["notes"]
+    # 8-bit: the experts' bf16 bytes on top of the quantized rest; 4-bit: their NF4 bytes (the
+    # linear layers' 8-bit storage adds a little more to the difference).
+    difference = plans["8bit"].estimate.weights - plans["4bit"].estimate.weights
+    assert values * (2 - NF4_BYTES_PER_PARAMETER) <= difference < values * (2 - NF4_BYTES_PER_PARAMETER) * 1.1
+    # One layer's experts are dequantized while it computes: in each layer's activations.
+    one_layer = values // 2 * 2
+    assert plans["4bit"].estimate.per_layer - plans["8bit"].estimate.per_layer == one_layer
+    dense = plan_config(load_config({**settings, "model": {"path": str(tiny_model_dir), "quantization": "4bit"}}), PlanOptions(tokens=1000))
     assert dense.notes == []

@@ -188,12 +188,17 @@ def install_fused_lora(model: torch.nn.Module) -> int:
     return switched
 
 
+# transformers MLP classes whose forward is exactly `down_proj(act_fn(gate_proj(x)) * up_proj(x))`:
+# the fused forward replaces theirs, so any other (multipliers, a fused gate_up) keeps its own.
+SWIGLU_MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Qwen2MoeMLP", "Qwen3MoeMLP"})
+
+
 def _fused_down(mlp: torch.nn.Module) -> Any:
     """The down projection's LoRA layer when `_SwiGLUDownLora` can stand in for the MLP's
     forward: a SwiGLU MLP (silu, gate/up/down) whose down projection is a frozen 16-bit linear
     with one plain, fused LoRA adapter. None otherwise."""
     down = getattr(mlp, "down_proj", None)
-    if not (hasattr(mlp, "gate_proj") and hasattr(mlp, "up_proj") and _is_linear_lora(down)):
+    if type(mlp).__name__ not in SWIGLU_MLP_CLASSES or not _is_linear_lora(down):
         return None
     act = getattr(mlp, "act_fn", None)
     base = down.get_base_layer()
@@ -211,9 +216,9 @@ def _fused_down(mlp: torch.nn.Module) -> Any:
 
 def _swiglu_down_lora_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     gate, up, down = self.gate_proj(x), self.up_proj(x), self.down_proj
-    name = next(iter(down.lora_A))
-    if down.disable_adapters or down.merged or name not in down.active_adapters:
-        # A reference model (adapters off), a merged adapter: the layer's own path.
+    name = next(iter(getattr(down, "lora_A", {})), None)
+    if name is None or down.disable_adapters or down.merged or name not in down.active_adapters:
+        # A reference model (adapters off), a merged or unloaded adapter: the layer's own path.
         return down(torch.nn.functional.silu(gate) * up)
     base = down.get_base_layer()
     return _SwiGLUDownLora.apply(

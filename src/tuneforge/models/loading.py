@@ -31,6 +31,7 @@ from tuneforge.config.schema import ModelConfig
 from tuneforge.config.targets import instantiate
 from tuneforge.errors import ModelError
 from tuneforge.models.parameters import embedding_rows
+from tuneforge.models.quantized_experts import quantize_fused_experts
 from tuneforge.models.vlm import assemble_vlm, is_vlm_config
 
 logger = logging.getLogger(__name__)
@@ -266,7 +267,7 @@ def load_model(config: ModelConfig) -> torch.nn.Module:
                 return auto_class.from_config(
                     model_config, dtype=dtype, trust_remote_code=config.trust_remote_code, **extra
                 )
-        return auto_class.from_pretrained(
+        model = auto_class.from_pretrained(
             config.path,
             config=model_config,
             dtype=dtype,
@@ -282,6 +283,12 @@ def load_model(config: ModelConfig) -> torch.nn.Module:
             where=f"model.path={config.path}",
             hint="for a config-only directory (no weights) set model.init: random",
         ) from None
+    if config.quantization == "4bit":
+        # bitsandbytes quantized the linear layers; fused MoE experts (3-D) are stored as NF4 here.
+        stored = quantize_fused_experts(model)
+        if stored:
+            print(f"[tuneforge] 4-bit: {stored} fused MoE expert weights stored as NF4 (frozen)", flush=True)
+    return model
 
 
 def load_tokenizer(config: ModelConfig) -> Any:

@@ -360,11 +360,25 @@ def _is_quantized_weight(model: torch.nn.Module, module: torch.nn.Module, name: 
     )
 
 
-def unquantized_expert_bytes(model: torch.nn.Module) -> int:
-    """Bytes of fused mixture-of-experts weights: parameters of three or more dimensions (one
-    matrix per expert, as transformers 5 stores Mixtral's and Qwen-MoE's experts). bitsandbytes
-    quantizes `nn.Linear` layers only, so with a 4/8-bit base these stay in 16 bits."""
-    return sum(full_numel(p) * p.element_size() for name, p in model.named_parameters() if len(full_shape(p)) >= 3 and "lora_" not in name)
+def expert_bytes(model: torch.nn.Module) -> int:
+    """Bytes of fused mixture-of-experts weights in 16 bits: parameters of three or more
+    dimensions (one matrix per expert, as transformers 5 stores Mixtral's and Qwen-MoE's
+    experts). bitsandbytes quantizes `nn.Linear` layers only: with an 8-bit base these stay in
+    16 bits; with a 4-bit one tuneforge stores them as NF4 (`models/quantized_experts.py`) and
+    dequantizes one layer's at a time."""
+    return sum(
+        _expert_values(p) * 2 for name, p in model.named_parameters() if _is_expert(name, p)
+    )
+
+
+def _is_expert(name: str, parameter: torch.Tensor) -> bool:
+    # A stored NF4 expert weight is the parametrization's packed `original0` (2-D, uint8).
+    return "lora_" not in name and (len(full_shape(parameter)) >= 3 or name.endswith(".original0"))
+
+
+def _expert_values(parameter: torch.Tensor) -> int:
+    """Values of a fused expert weight, whether 16-bit or packed NF4 (two values a byte)."""
+    return full_numel(parameter) * (2 if parameter.dtype == torch.uint8 else 1)
 
 
 def weight_bytes(model: torch.nn.Module, quantization: str = "none") -> int:
@@ -382,10 +396,13 @@ def weight_bytes(model: torch.nn.Module, quantization: str = "none") -> int:
             values = weight.numel() * (2 if weight.dtype == torch.uint8 and quantization == "4bit" else 1)
             total += int(values * NF4_BYTES_PER_PARAMETER) if quantization == "4bit" else values + 4 * module.out_features
     seen: set[int] = set()
-    for parameter in model.parameters():
+    for name, parameter in model.named_parameters():
         if id(parameter) not in quantized and id(parameter) not in seen:
             seen.add(id(parameter))
-            total += full_numel(parameter) * parameter.element_size()
+            if quantization == "4bit" and _is_expert(name, parameter):
+                total += int(_expert_values(parameter) * NF4_BYTES_PER_PARAMETER)
+            else:
+                total += full_numel(parameter) * parameter.element_size()
     return total
 
 
@@ -446,8 +463,10 @@ def estimate_memory(
     per_layer = []
     for layer in _decoder_layers(model, shape.layers):
         flowing = flowing or any(p.requires_grad for p in layer.parameters())
-        per_layer.append(_saved_per_token(shape, layer, liger, quantization != "none", compute_16bit) if flowing else 0)
-    saved = max(per_layer, default=0)
+        saved = _saved_per_token(shape, layer, liger, quantization != "none", compute_16bit) * tokens * element if flowing else 0
+        # NF4 experts are dequantized while their layer computes, and the expert matmuls keep
+        # the 16-bit weights for the backward pass.
+        per_layer.append(saved + (expert_bytes(layer) if quantization == "4bit" and flowing else 0))
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_trains = head is not None and head.weight.requires_grad
@@ -465,7 +484,7 @@ def estimate_memory(
         weights=weight_bytes(model, quantization) + upcast,
         gradients=gradients,
         optimizer=optimizer,
-        per_layer=saved * tokens * element,
+        per_layer=max(per_layer, default=0),
         per_layer_checkpointed=shape.hidden * tokens * element,
         output_layer=output_layer,
         forward_gradients=gradients if gradient_accumulation > 1 else head_gradient,
@@ -481,11 +500,11 @@ __all__ = [
     "Strategy",
     "computes_in_16bit",
     "estimate_memory",
+    "expert_bytes",
     "flops_per_token",
     "matmul_peak_tflops",
     "model_flops_per_token",
     "optimizer_state_bytes",
     "recompute_flops_per_token",
-    "unquantized_expert_bytes",
     "weight_bytes",
 ]

@@ -30,9 +30,9 @@ from tuneforge.plan.estimate import (
     Strategy,
     computes_in_16bit,
     estimate_memory,
+    expert_bytes,
     flops_per_token,
     recompute_flops_per_token,
-    unquantized_expert_bytes,
 )
 from tuneforge.train.speed import plan_activations, resolve_liger
 
@@ -285,11 +285,17 @@ def plan_config(config: Config, options: PlanOptions | None = None) -> Plan:
         shape, config, options, setup, weight_gradients, estimate.recomputed_layers(recompute_every)
     )
     plan = Plan(setup, count_parameters(model), estimate, recompute_every, offload, gpu_memory, per_token, tokens, seconds)
-    experts = unquantized_expert_bytes(model) if quantization != "none" else 0
-    if experts:
+    experts = expert_bytes(model) if quantization != "none" else 0
+    if experts and quantization == "8bit":
         plan.notes.append(
             f"bitsandbytes quantizes linear layers only: this model's fused MoE experts ({experts / GIB:.1f} GiB, "
             f"3-D parameters) stay in {setup['dtype']}, counted so in the weights above"
+        )
+    elif experts:
+        plan.notes.append(
+            f"bitsandbytes quantizes linear layers only; tuneforge stores this model's fused MoE experts "
+            f"({experts / GIB:.1f} GiB in 16 bits) as NF4 too, and dequantizes one layer's at a time while it "
+            "computes (counted in the activations); LoRA adapts attention and the router, the 4-bit experts stay frozen"
         )
     if not plan.fits:
         plan.suggestions = _suggestions(config, model, options, estimate, strategy, liger, quantization, gpu_memory)

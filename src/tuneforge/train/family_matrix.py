@@ -216,10 +216,13 @@ The last column is the number of trainable LoRA parameters of the tiny model (r 
 
 _DOC_FOOTER = """
 **Mixture-of-experts models** add the router load-balancing loss to the training loss and log
-it as `aux_loss` (`model.moe_aux_loss`, on by default). With `model.quantization: 4bit` or
-`8bit`, bitsandbytes quantizes linear layers only: transformers stores Mixtral's and Qwen-MoE's
-routed experts as fused 3-D parameters, which stay in 16 bits (most of such a model's weights);
-`tuneforge plan` counts them so and says how many GiB they are.
+it as `aux_loss` (`model.moe_aux_loss`, on by default). bitsandbytes quantizes linear layers
+only, and transformers stores Mixtral's and Qwen-MoE's routed experts as fused 3-D parameters
+(most of such a model's weights). With `model.quantization: 4bit` tuneforge stores them as
+bitsandbytes NF4 itself (`tuneforge/models/quantized_experts.py`), dequantizes one layer's
+experts at a time while it computes, and keeps them frozen: LoRA adapts attention and the
+router. Loading still holds the experts in 16 bits on the GPU before they are stored (90 GB for
+Mixtral-8x7B). With `8bit` they stay in 16 bits; `tuneforge plan` counts them either way.
 
 **Checkpoints that ship their own code** (`auto_map` in `config.json`) need
 `model.trust_remote_code: true`; `transformers` then runs that code, not its own
