@@ -26,6 +26,7 @@ SwiGLU backward keeps anyway, and recomputes the product, one elementwise pass, 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -90,7 +91,9 @@ def _swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor) -
     return grad_gate, grad_up
 
 
+@functools.cache
 def _liger_swiglu() -> tuple[Any, Any] | None:
+    """Liger's SwiGLU forward and backward ops, looked up once (called in every MLP's passes)."""
     try:
         from liger_kernel.ops.swiglu import swiglu_backward, swiglu_forward
     except ImportError:

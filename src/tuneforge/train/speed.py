@@ -264,12 +264,10 @@ class FusedLoraMlp(TrainerCallback):
     (`methods.fused_lora.install_fused_lora_mlp`). Installed when training begins, after the
     Trainer's Liger patch, which binds its own MLP forward."""
 
-    switched = 0
-
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         from tuneforge.methods.fused_lora import install_fused_lora_mlp
 
-        self.switched = install_fused_lora_mlp(model)
+        install_fused_lora_mlp(model)
 
 
 def reentrant_checkpointing_applies(args: Any, engine: str) -> bool:
