@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 from transformers import Trainer
 
 from tuneforge.train.checkpoints import AtomicCheckpointMixin
@@ -37,7 +38,69 @@ class FlopsPerTokenOnceMixin:
         return self._flops_per_token * tokens.numel()
 
 
-class TuneforgeTrainer(FlopsPerTokenOnceMixin, NonFiniteGuardMixin, LossSpikeGuardMixin, AtomicCheckpointMixin, Trainer):
+class _ModuleWalksOnce:
+    """`train()` and `zero_grad()` for one model object that walk lists taken once instead of the
+    module tree. Installed as instance attributes (removed by `remove`), so every caller, the
+    Trainer's included, gets them; the class methods still do the work when something changed."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.modules = list(model.modules())
+        self.parameters = list(model.parameters())
+        model.train = self.train  # type: ignore[method-assign]
+        model.zero_grad = self.zero_grad  # type: ignore[method-assign]
+
+    def train(self, mode: bool = True) -> torch.nn.Module:
+        # Checking every flag is a list scan; setting them is a recursive walk. A submodule
+        # switched on its own (a callback's `layer.eval()`) still gets switched back.
+        if any(module.training != mode for module in self.modules):
+            type(self.model).train(self.model, mode)
+        return self.model
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if not set_to_none:
+            type(self.model).zero_grad(self.model, set_to_none=False)
+            return
+        for parameter in self.parameters:
+            if parameter.grad is not None:
+                parameter.grad = None
+
+    def remove(self) -> None:
+        del self.model.train, self.model.zero_grad
+
+
+class ModuleWalksOnceMixin:
+    """The Trainer walks the whole module tree three times a step: `model.train()` sets every
+    module's flag though none changed, `model.zero_grad()` and the gradient clip each list the
+    parameters. An 8B LoRA model has about 3,000 modules: 13 ms of host time a step, during which
+    the GPU, synchronised by the non-finite check, has no work (docs/benchmarks.md). With one
+    process or DDP the parameters are fixed once the model is prepared, so the lists are taken at
+    the first step of each `train()` call. Put it before `Trainer` in the bases."""
+
+    _STABLE_PARAMETERS = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
+    _module_walks: _ModuleWalksOnce | None = None
+
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        if self._module_walks is None and self.accelerator.distributed_type in self._STABLE_PARAMETERS:  # type: ignore[attr-defined]
+            self._module_walks = _ModuleWalksOnce(model)
+        return super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc]
+
+    def _clip_grad_norm(self, model: Any) -> Any:
+        walks = self._module_walks
+        if walks is None or walks.model is not model:
+            return super()._clip_grad_norm(model)  # type: ignore[misc]
+        return self.accelerator.clip_grad_norm_(walks.parameters, self.args.max_grad_norm)  # type: ignore[attr-defined]
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().train(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            if self._module_walks is not None:
+                self._module_walks.remove()
+                self._module_walks = None
+
+
+class TuneforgeTrainer(ModuleWalksOnceMixin, FlopsPerTokenOnceMixin, NonFiniteGuardMixin, LossSpikeGuardMixin, AtomicCheckpointMixin, Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # Summed on the device and read only when logging: no host sync per step.
@@ -64,4 +127,4 @@ class TuneforgeTrainer(FlopsPerTokenOnceMixin, NonFiniteGuardMixin, LossSpikeGua
         super().log(logs, *args, **kwargs)
 
 
-__all__ = ["FlopsPerTokenOnceMixin", "TuneforgeTrainer"]
+__all__ = ["FlopsPerTokenOnceMixin", "ModuleWalksOnceMixin", "TuneforgeTrainer"]
