@@ -268,3 +268,71 @@ def test_the_config_switch_trains_the_same_run(tmp_path, tiny_model_dir):
     assert fused_layers[True] == (2 * 7, 2)  # every adapted linear, and both layers' MLPs
     assert len(losses[True]) == 6 and losses[True][-1] < losses[True][0]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def four_bit_dir(tmp_path_factory):
+    pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )
+    path = tmp_path_factory.mktemp("four-bit-llama")
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def _qlora_model(path) -> torch.nn.Module:
+    """A QLoRA model as tuneforge loads one: NF4, double quantization, bf16 compute (bitsandbytes
+    quantizes and dequantizes on the CPU too)."""
+    from transformers import BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
+    )
+    model = LlamaForCausalLM.from_pretrained(path, quantization_config=quantization, device_map="cpu")
+    torch.manual_seed(1)
+    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules="all-linear",
+                                            init_lora_weights=False))
+
+
+def test_4bit_layers_run_base_and_adapter_as_one_function_with_the_same_outputs_and_gradients(four_bit_dir, monkeypatch):
+    """peft runs bitsandbytes' autograd function, clones its output and adds the adapter in a
+    second one: a third of an 8B QLoRA step was the GPU waiting on that host work."""
+    import bitsandbytes
+
+    reference = _qlora_model(four_bit_dir)
+    install_fused_lora(reference)
+    for module in reference.modules():
+        vars(module).pop("forward", None)  # peft's 4-bit forward with the fused adapter inside
+    fused = _qlora_model(four_bit_dir)
+    assert install_fused_lora(fused) == 2 * 7
+    assert install_fused_lora_mlp(fused) == 2  # the 4-bit down projection too
+    bitsandbytes_calls = []
+    original = bitsandbytes.matmul_4bit
+    monkeypatch.setattr(bitsandbytes, "matmul_4bit", lambda *a, **k: bitsandbytes_calls.append(1) or original(*a, **k))
+    ref_loss, ref_grads, ref_input_grad = _loss_and_grads(reference)
+    assert len(bitsandbytes_calls) == 2 * 7  # the reference went through bitsandbytes' function
+    bitsandbytes_calls.clear()
+    loss, grads, input_grad = _loss_and_grads(fused)
+    assert bitsandbytes_calls == []
+    assert set(grads) == set(ref_grads) and all(g.dtype == torch.float32 for g in grads.values())
+    assert loss == pytest.approx(ref_loss.item(), rel=2e-3)  # bf16 compute in both
+    for name, grad in [*ref_grads.items(), ("input", ref_input_grad)]:
+        mine = input_grad if name == "input" else grads[name]
+        assert torch.nn.functional.cosine_similarity(mine.flatten(), grad.flatten(), dim=0) > 0.999, name
+
+
+def test_4bit_fused_forward_follows_the_adapter_switches(four_bit_dir):
+    model = _qlora_model(four_bit_dir).train()  # as in training (bitsandbytes repacks CPU weights for eval)
+    install_fused_lora(model)
+    install_fused_lora_mlp(model)
+    with torch.no_grad():
+        on = model(input_ids=TOKENS).logits
+        with model.disable_adapter():
+            off = model(input_ids=TOKENS).logits
+        plain = LlamaForCausalLM.from_pretrained(four_bit_dir, quantization_config=model.config.quantization_config,
+                                                 device_map="cpu").train()
+        torch.testing.assert_close(off, plain(input_ids=TOKENS).logits)
+        assert (on - off).abs().max() > 0.1

@@ -22,6 +22,13 @@ A SwiGLU MLP whose down projection carries such an adapter goes one step further
 its gradient, and keeping it costs `ffn` values a token in every layer (3.5 GiB on an 8B model at
 4096 tokens a step). `_SwiGLUDownLora` keeps the gate and up projections instead, which the
 SwiGLU backward keeps anyway, and recomputes the product, one elementwise pass, in the backward.
+
+On a bitsandbytes 4-bit base (QLoRA) the base matmul joins the adapter (`_QuantizedLora`): peft
+runs bitsandbytes' own autograd function through several Python layers, clones its output and
+then adds the adapter in a second autograd node; on an 8B QLoRA step that host work left the GPU
+idle for a third of the step (docs/benchmarks.md). Here the weight is dequantized with
+bitsandbytes' kernel in the forward and again in the backward (never kept), and the adapter is
+added in place into the fresh output.
 """
 
 from __future__ import annotations
@@ -73,6 +80,92 @@ class _LoraAdd(torch.autograd.Function):
         return grad if need_result else None, grad_x, grad_a, grad_b, None, None
 
 
+def _is_4bit(base: torch.nn.Module) -> bool:
+    return base.__class__.__name__ == "Linear4bit"  # bitsandbytes' (checked by name: an optional dependency)
+
+
+def _compute_dtype(base: torch.nn.Module, x: torch.Tensor) -> torch.dtype:
+    """The dtype a frozen base linear computes in: a 4-bit one's compute dtype, a 16-bit one's own."""
+    if _is_4bit(base):
+        return getattr(base, "compute_dtype", None) or x.dtype
+    return base.weight.dtype if base.weight.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def _frozen_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The base linear's weight as a dense `dtype` matrix; a 4-bit one dequantized by bitsandbytes."""
+    if _is_4bit(base):
+        import bitsandbytes.functional as bnb_functional
+
+        return bnb_functional.dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)
+    return base.weight.to(dtype)
+
+
+class _QuantizedLora(torch.autograd.Function):
+    """`x @ W.T + bias + scaling * (x @ A.T) @ B.T` for a frozen bitsandbytes 4-bit linear `base`:
+    W is dequantized for the forward and again for the input's gradient, never kept."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, base: torch.nn.Module, bias: torch.Tensor | None,
+                weight_a: torch.Tensor, weight_b: torch.Tensor, scaling: float) -> torch.Tensor:
+        ctx.base, ctx.scaling = base, scaling
+        ctx.dtypes = (x.dtype, weight_a.dtype, weight_b.dtype, None if bias is None else bias.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            dtype = _compute_dtype(base, x)
+            flat = x.reshape(-1, x.shape[-1]).to(dtype)
+            a, b = weight_a.to(dtype), weight_b.to(dtype)
+            out = torch.nn.functional.linear(flat, _frozen_weight(base, dtype), None if bias is None else bias.to(dtype))
+            x_a = flat @ a.t()
+            out.addmm_(x_a, b.t(), alpha=scaling)
+        ctx.save_for_backward(flat, x_a, a, b)
+        ctx.shape = x.shape
+        return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        flat, x_a, a, b = ctx.saved_tensors
+        need_x, _, need_bias, need_a, need_b, _ = ctx.needs_input_grad
+        with torch.autocast(grad.device.type, enabled=False):
+            g = grad.reshape(-1, grad.shape[-1]).to(a.dtype)
+            g_xa = (g @ b).mul_(ctx.scaling)  # tokens x r
+            grad_x = None
+            if need_x:
+                grad_x = (g @ _frozen_weight(ctx.base, a.dtype)).addmm_(g_xa, a).view(ctx.shape).to(ctx.dtypes[0])
+            grad_a = (g_xa.t() @ flat).to(ctx.dtypes[1]) if need_a else None
+            grad_b = (g.t() @ x_a).mul_(ctx.scaling).to(ctx.dtypes[2]) if need_b else None
+            grad_bias = g.sum(0).to(ctx.dtypes[3]) if need_bias else None
+        return grad_x, None, grad_bias, grad_a, grad_b, None
+
+
+def _quantized_lora_forward(self: torch.nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """peft's 4-bit LoRA forward, through `_QuantizedLora` when one plain fused adapter is active."""
+    name = _single_fused_adapter(self)
+    base = self.get_base_layer()
+    if name is None or args or kwargs or not _dequantizable(base):
+        return type(self).forward(self, x, *args, **kwargs)
+    return _QuantizedLora.apply(x, base, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+
+
+def _dequantizable(base: torch.nn.Module) -> bool:
+    """Whether a 4-bit base's weight is in the layout `dequantize_4bit` reads, after restoring its
+    quantization state as bitsandbytes' own forward does first. (bitsandbytes repacks CPU weights
+    for its inference kernel on a no-grad CPU call in eval mode.)"""
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+    fix_4bit_weight_quant_state_from_module(base)
+    return not getattr(base.weight.quant_state, "packing_format_for_cpu", False)
+
+
+def _single_fused_adapter(layer: torch.nn.Module) -> str | None:
+    """The name of the layer's one adapter when it is active, plain, fused and without dropout;
+    None when the layer's own forward must run (adapters off or merged, several, DoRA, dropout)."""
+    names = list(layer.lora_A)
+    if len(names) != 1 or layer.disable_adapters or layer.merged or names[0] not in layer.active_adapters:
+        return None
+    name = names[0]
+    plain = isinstance(layer.lora_variant.get(name), FusedLora) and isinstance(layer.lora_dropout[name], torch.nn.Identity)
+    return name if plain else None
+
+
 def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up: Liger's one-pass kernel on a GPU, PyTorch's operators elsewhere."""
     if gate.is_cuda and _liger_swiglu() is not None:
@@ -103,37 +196,39 @@ def _liger_swiglu() -> tuple[Any, Any] | None:
 
 class _SwiGLUDownLora(torch.autograd.Function):
     """`down(silu(gate) * up) + scaling * (silu(gate) * up) @ A.T @ B.T` for a frozen down
-    projection, saving `gate` and `up` (not their product) for the backward pass."""
+    projection `base` (16-bit, or 4-bit: dequantized in each pass), saving `gate` and `up` (not
+    their product) for the backward pass."""
 
     @staticmethod
-    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor, base: torch.nn.Module,
                 weight_a: torch.Tensor, weight_b: torch.Tensor, scaling: float) -> torch.Tensor:
         ctx.dtypes = (weight_a.dtype, weight_b.dtype)
+        ctx.base, ctx.scaling = base, scaling
         with torch.autocast(gate.device.type, enabled=False):
-            dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else gate.dtype
+            dtype = _compute_dtype(base, gate)
             gate, up = gate.to(dtype), up.to(dtype)
             product = _swiglu(gate, up)
             a, b = weight_a.to(dtype), weight_b.to(dtype)
             flat = product.reshape(-1, product.shape[-1])
             x_a = flat @ a.t()
-            out = torch.nn.functional.linear(flat, weight.to(dtype), None if bias is None else bias.to(dtype))
+            bias = None if base.bias is None else base.bias.to(dtype)
+            out = torch.nn.functional.linear(flat, _frozen_weight(base, dtype), bias)
             out.addmm_(x_a, b.t(), alpha=scaling)
-        ctx.save_for_backward(gate, up, x_a, weight, a, b)
-        ctx.scaling = scaling
+        ctx.save_for_backward(gate, up, x_a, a, b)
         return out.view(*product.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        gate, up, x_a, weight, a, b = ctx.saved_tensors
+        gate, up, x_a, a, b = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1]).to(a.dtype)
         g_xa = (g @ b).mul_(ctx.scaling)  # tokens x r
-        grad_product = (g @ weight.to(a.dtype)).addmm_(g_xa, a)
+        grad_product = (g @ _frozen_weight(ctx.base, a.dtype)).addmm_(g_xa, a)
         product = _swiglu(gate, up).reshape(-1, gate.shape[-1])  # recomputed: not kept from the forward
         grad_a = (g_xa.t() @ product).to(ctx.dtypes[0])
         grad_b = (g.t() @ x_a).mul_(ctx.scaling).to(ctx.dtypes[1])
         del product
         grad_gate, grad_up = _swiglu_backward(gate, up, grad_product.view(gate.shape))
-        return grad_gate, grad_up, None, None, grad_a, grad_b, None
+        return grad_gate, grad_up, None, grad_a, grad_b, None
 
 
 class FusedLora(LoraVariant):
@@ -176,8 +271,11 @@ def _is_linear_lora(module: torch.nn.Module) -> bool:
 
 
 def install_fused_lora(model: torch.nn.Module) -> int:
-    """Give every plain LoRA linear adapter of `model` the fused forward. Adapters with a
-    variant of their own (DoRA and others) keep it. Returns how many adapters were switched."""
+    """Give every plain LoRA linear adapter of `model` the fused forward, and LoRA layers on a
+    4-bit base `_QuantizedLora`'s. Adapters with a variant of their own (DoRA and others) keep
+    it. Returns how many adapters were switched."""
+    import types
+
     switched = 0
     for module in model.modules():
         if not _is_linear_lora(module):
@@ -188,6 +286,8 @@ def install_fused_lora(model: torch.nn.Module) -> int:
         switched += len(plain)
         if all(isinstance(module.lora_variant.get(name), FusedLora) for name in module.lora_A):
             module.cast_input_dtype_enabled = False  # the input reaches the variant in its own dtype
+        if _is_4bit(module.get_base_layer()):
+            module.forward = types.MethodType(_quantized_lora_forward, module)
     return switched
 
 
@@ -198,8 +298,8 @@ SWIGLU_MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"
 
 def _fused_down(mlp: torch.nn.Module) -> Any:
     """The down projection's LoRA layer when `_SwiGLUDownLora` can stand in for the MLP's
-    forward: a SwiGLU MLP (silu, gate/up/down) whose down projection is a frozen 16-bit linear
-    with one plain, fused LoRA adapter. None otherwise."""
+    forward: a SwiGLU MLP (silu, gate/up/down) whose down projection is a frozen 16-bit or
+    bitsandbytes 4-bit linear with one plain, fused LoRA adapter. None otherwise."""
     down = getattr(mlp, "down_proj", None)
     if type(mlp).__name__ not in SWIGLU_MLP_CLASSES or not _is_linear_lora(down):
         return None
@@ -207,7 +307,7 @@ def _fused_down(mlp: torch.nn.Module) -> Any:
     base = down.get_base_layer()
     plain = (
         (isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation")  # transformers' silu
-        and type(base) is torch.nn.Linear
+        and (type(base) is torch.nn.Linear or _is_4bit(base))
         and not base.weight.requires_grad
         and getattr(base.weight, "ds_id", None) is None  # DeepSpeed ZeRO-3 gathers it only in the module's call
         and len(down.lora_A) == 1
@@ -224,9 +324,9 @@ def _swiglu_down_lora_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.T
         # A reference model (adapters off), a merged or unloaded adapter: the layer's own path.
         return down(torch.nn.functional.silu(gate) * up)
     base = down.get_base_layer()
-    return _SwiGLUDownLora.apply(
-        gate, up, base.weight, base.bias, down.lora_A[name].weight, down.lora_B[name].weight, down.scaling[name]
-    )
+    if _is_4bit(base) and not _dequantizable(base):
+        return down(torch.nn.functional.silu(gate) * up)
+    return _SwiGLUDownLora.apply(gate, up, base, down.lora_A[name].weight, down.lora_B[name].weight, down.scaling[name])
 
 
 def recomputes_swiglu_product(mlp: torch.nn.Module) -> bool:
