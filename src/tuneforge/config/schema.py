@@ -608,7 +608,9 @@ class SpeedConfig(Section):
         description="LoRA linear layers add the adapter's product to the base output in one matmul "
         "(`torch.addmm`) in the compute dtype and keep their input as it is for the backward pass; "
         "peft's own forward copies each adapted layer's input to the adapters' fp32 and back, and "
-        "scales and adds in separate passes. A SwiGLU MLP with such an adapter on its down projection "
+        "scales and adds in separate passes. A layer with one such adapter (no dropout) over a frozen 16-bit "
+        "or 4-bit linear runs the base matmul and the adapter as one autograd function (a 4-bit weight "
+        "dequantized in each pass, never kept). A SwiGLU MLP with such an adapter on its down projection "
         "keeps its gate and up projections but not their product, which it recomputes in the backward "
         "pass (one elementwise pass; 3.5 GiB less on an 8B model at 4096 tokens a step). Same adapter "
         "files either way. false: peft's forward.",

@@ -23,12 +23,13 @@ its gradient, and keeping it costs `ffn` values a token in every layer (3.5 GiB 
 4096 tokens a step). `_SwiGLUDownLora` keeps the gate and up projections instead, which the
 SwiGLU backward keeps anyway, and recomputes the product, one elementwise pass, in the backward.
 
-On a bitsandbytes 4-bit base (QLoRA) the base matmul joins the adapter (`_QuantizedLora`): peft
-runs bitsandbytes' own autograd function through several Python layers, clones its output and
-then adds the adapter in a second autograd node; on an 8B QLoRA step that host work left the GPU
-idle for a third of the step (docs/benchmarks.md). Here the weight is dequantized with
-bitsandbytes' kernel in the forward and again in the backward (never kept), and the adapter is
-added in place into the fresh output.
+When the layer has just that one adapter, without dropout, over a frozen 16-bit or bitsandbytes
+4-bit linear, the base matmul joins it (`_FrozenLinearLora`) and peft's forward is skipped: a LoRA
+step is partly bound by host work (Python launching small kernels), and on a 4-bit base peft runs
+bitsandbytes' own autograd function through several Python layers, clones its output and adds
+the adapter in a second autograd node, which left the GPU idle for a third of an 8B QLoRA step
+(docs/benchmarks.md). A 4-bit weight is dequantized with bitsandbytes' kernel in the forward and
+again in the backward (never kept).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import Any
 
 import torch
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
+from torch.nn.modules import module as torch_module
 
 
 class _LoraAdd(torch.autograd.Function):
@@ -100,9 +102,9 @@ def _frozen_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return base.weight.to(dtype)
 
 
-class _QuantizedLora(torch.autograd.Function):
-    """`x @ W.T + bias + scaling * (x @ A.T) @ B.T` for a frozen bitsandbytes 4-bit linear `base`:
-    W is dequantized for the forward and again for the input's gradient, never kept."""
+class _FrozenLinearLora(torch.autograd.Function):
+    """`x @ W.T + bias + scaling * (x @ A.T) @ B.T` for a frozen linear `base`; a 4-bit W is
+    dequantized for the forward and again for the input's gradient, never kept."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, base: torch.nn.Module, bias: torch.Tensor | None,
@@ -111,14 +113,16 @@ class _QuantizedLora(torch.autograd.Function):
         ctx.dtypes = (x.dtype, weight_a.dtype, weight_b.dtype, None if bias is None else bias.dtype)
         with torch.autocast(x.device.type, enabled=False):
             dtype = _compute_dtype(base, x)
-            flat = x.reshape(-1, x.shape[-1]).to(dtype)
+            x = x.to(dtype)  # a no-op when the input is already in the compute dtype (the usual case)
+            flat = x.reshape(-1, x.shape[-1])
             a, b = weight_a.to(dtype), weight_b.to(dtype)
-            out = torch.nn.functional.linear(flat, _frozen_weight(base, dtype), None if bias is None else bias.to(dtype))
+            # Not a view of a 2-D result: models such as Falcon add into a linear's output in place.
+            out = torch.nn.functional.linear(x, _frozen_weight(base, dtype), None if bias is None else bias.to(dtype))
             x_a = flat @ a.t()
-            out.addmm_(x_a, b.t(), alpha=scaling)
+            out.view(-1, out.shape[-1]).addmm_(x_a, b.t(), alpha=scaling)
         ctx.save_for_backward(flat, x_a, a, b)
         ctx.shape = x.shape
-        return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)
+        return out if out.dtype == ctx.dtypes[0] else out.to(ctx.dtypes[0])
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -136,13 +140,25 @@ class _QuantizedLora(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_a, grad_b, None
 
 
-def _quantized_lora_forward(self: torch.nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """peft's 4-bit LoRA forward, through `_QuantizedLora` when one plain fused adapter is active."""
+def _frozen_linear_lora_forward(self: torch.nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """peft's LoRA forward, through `_FrozenLinearLora` when one plain fused adapter is active."""
     name = _single_fused_adapter(self)
     base = self.get_base_layer()
-    if name is None or args or kwargs or not _dequantizable(base):
+    if (
+        name is None or args or kwargs or base.weight.requires_grad or _has_hooks(base)
+        or (_is_4bit(base) and not _dequantizable(base))
+    ):
         return type(self).forward(self, x, *args, **kwargs)
-    return _QuantizedLora.apply(x, base, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+    return _FrozenLinearLora.apply(x, base, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+
+
+def _has_hooks(base: torch.nn.Module) -> bool:
+    """Whether calling the base module would run hooks (accelerate's device placement for an
+    offloaded model, a user's forward hook) that reading its weight directly would skip."""
+    return bool(
+        base._forward_hooks or base._forward_pre_hooks or "_hf_hook" in vars(base)
+        or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+    )
 
 
 def _dequantizable(base: torch.nn.Module) -> bool:
@@ -162,7 +178,11 @@ def _single_fused_adapter(layer: torch.nn.Module) -> str | None:
     if len(names) != 1 or layer.disable_adapters or layer.merged or names[0] not in layer.active_adapters:
         return None
     name = names[0]
-    plain = isinstance(layer.lora_variant.get(name), FusedLora) and isinstance(layer.lora_dropout[name], torch.nn.Identity)
+    plain = (
+        isinstance(layer.lora_variant.get(name), FusedLora)
+        and isinstance(layer.lora_dropout[name], torch.nn.Identity)
+        and getattr(layer.lora_A[name].weight, "ds_id", None) is None  # ZeRO-3 gathers in each module's call
+    )
     return name if plain else None
 
 
@@ -212,10 +232,10 @@ class _SwiGLUDownLora(torch.autograd.Function):
             flat = product.reshape(-1, product.shape[-1])
             x_a = flat @ a.t()
             bias = None if base.bias is None else base.bias.to(dtype)
-            out = torch.nn.functional.linear(flat, _frozen_weight(base, dtype), bias)
-            out.addmm_(x_a, b.t(), alpha=scaling)
+            out = torch.nn.functional.linear(product, _frozen_weight(base, dtype), bias)  # not a view (see above)
+            out.view(-1, out.shape[-1]).addmm_(x_a, b.t(), alpha=scaling)
         ctx.save_for_backward(gate, up, x_a, a, b)
-        return out.view(*product.shape[:-1], out.shape[-1])
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -272,8 +292,8 @@ def _is_linear_lora(module: torch.nn.Module) -> bool:
 
 def install_fused_lora(model: torch.nn.Module) -> int:
     """Give every plain LoRA linear adapter of `model` the fused forward, and LoRA layers on a
-    4-bit base `_QuantizedLora`'s. Adapters with a variant of their own (DoRA and others) keep
-    it. Returns how many adapters were switched."""
+    16-bit or 4-bit linear `_FrozenLinearLora`'s. Adapters with a variant of their own (DoRA and
+    others) keep it. Returns how many adapters were switched."""
     import types
 
     switched = 0
@@ -286,8 +306,9 @@ def install_fused_lora(model: torch.nn.Module) -> int:
         switched += len(plain)
         if all(isinstance(module.lora_variant.get(name), FusedLora) for name in module.lora_A):
             module.cast_input_dtype_enabled = False  # the input reaches the variant in its own dtype
-        if _is_4bit(module.get_base_layer()):
-            module.forward = types.MethodType(_quantized_lora_forward, module)
+        base = module.get_base_layer()
+        if (_is_4bit(base) or type(base) is torch.nn.Linear) and getattr(base.weight, "ds_id", None) is None:
+            module.forward = types.MethodType(_frozen_linear_lora_forward, module)
     return switched
 
 
