@@ -12,10 +12,12 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
 from tests.conftest import successor_rows, write_jsonl
+from tuneforge.methods import fused_lora
 from tuneforge.methods.fused_lora import (
     FusedLora,
     install_fused_lora,
     install_fused_lora_mlp,
+    install_norm_recompute,
 )
 from tuneforge.plan.estimate import estimate_memory
 from tuneforge.train import train
@@ -85,7 +87,7 @@ def test_bf16_base_with_fp32_adapters_matches_peft_under_autocast_and_keeps_adap
         assert cosine > 0.999, (name, cosine)
 
 
-def _saved_bytes(model: torch.nn.Module) -> int:
+def _saved_bytes(model: torch.nn.Module, autocast: bool = True) -> int:
     """Bytes of the distinct storages autograd keeps for the backward pass of one forward."""
     storages: dict[int, int] = {}
 
@@ -96,7 +98,7 @@ def _saved_bytes(model: torch.nn.Module) -> int:
 
     embeddings = model.get_input_embeddings()(TOKENS).detach().requires_grad_(True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             model(inputs_embeds=embeddings, labels=TOKENS)
     return sum(storages.values())
 
@@ -352,3 +354,32 @@ def test_4bit_fused_forward_follows_the_adapter_switches(four_bit_dir):
                                                  device_map="cpu").train()
         torch.testing.assert_close(off, plain(input_ids=TOKENS).logits)
         assert (on - off).abs().max() > 0.1
+
+
+def test_adapters_reading_a_norm_keep_its_input_and_recompute_its_output_once(monkeypatch):
+    """q, k and v (gate and up) read the norm's output; the norm keeps its input for its own
+    backward, so keeping the output too is 2 GiB on an 8B LoRA step. In fp32 transformers'
+    RMSNorm keeps its input as it is, as Liger's does in 16 bits."""
+    monkeypatch.setattr(fused_lora, "keeps_its_input", lambda norm: type(norm).__name__ == "LlamaRMSNorm")
+    reference = _lora_model(torch.float32)
+    install_fused_lora(reference)
+    install_fused_lora_mlp(reference)
+    recomputing = copy.deepcopy(reference)
+    assert install_norm_recompute(recomputing) == 2 * 2 + 1  # two a layer and the final norm
+    assert install_norm_recompute(recomputing) == 0  # once
+    hidden_bytes = TOKENS.numel() * 64 * 4
+    assert _saved_bytes(reference, autocast=False) - _saved_bytes(recomputing, autocast=False) == 2 * 2 * hidden_bytes
+
+    norm_calls = []
+    for layer in recomputing.base_model.model.model.layers:
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            original = norm.forward
+            norm.forward = lambda x, _original=original: norm_calls.append(torch.is_grad_enabled()) or _original(x)
+    ref_loss, ref_grads, ref_input_grad = _loss_and_grads(reference)
+    loss, grads, input_grad = _loss_and_grads(recomputing)
+    # Four norms ran in the forward (hooked, with grad) and were recomputed once each in the backward.
+    assert norm_calls == [True] * 4 + [False] * 4
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(input_grad, ref_input_grad, rtol=0, atol=0)

@@ -307,7 +307,7 @@ def _lora_modules(layer: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def _saved_per_token(
-    shape: ModelShape, layer: torch.nn.Module, liger: bool, quantized: bool, compute_16bit: bool
+    shape: ModelShape, layer: torch.nn.Module, liger: bool, quantized: bool, compute_16bit: bool, compiled: bool = False
 ) -> int:
     """Elements (in the compute dtype) one decoder layer saves for the backward pass per token.
 
@@ -320,9 +320,10 @@ def _saved_per_token(
     the base weights train, or when adapters read them as they are (4-bit base, or tuneforge's
     fused LoRA forward). peft's LoRA forward on a 16-bit base instead keeps one copy per adapted
     linear: it casts the input to the adapters' fp32, autocast back to bf16, and that copy is what
-    the adapter's matmul saves.
+    the adapter's matmul saves. Not the two norm outputs when every adapter runs with its base as
+    one function over Liger's norms in layers not compiled (`install_norm_recompute`).
     """
-    from tuneforge.methods.fused_lora import recomputes_swiglu_product
+    from tuneforge.methods.fused_lora import recomputes_swiglu_product, runs_with_its_base
 
     h, q, kv, ffn = shape.hidden, shape.q_width, shape.kv_width, shape.ffn
     norms = 2 * h if liger else 2 * h * (2 if compute_16bit else 1)
@@ -336,7 +337,8 @@ def _saved_per_token(
     )
     adapters = _lora_modules(layer)
     if base_trains or (adapters and (quantized or all(_reads_input_as_is(m) for m in adapters))):
-        saved += linear_inputs
+        norms_recomputed = liger and not compiled and not base_trains and all(runs_with_its_base(m) for m in adapters)
+        saved += linear_inputs - (2 * h if norms_recomputed else 0)
     elif adapters:
         saved += sum(m.base_layer.in_features for m in adapters if hasattr(m.base_layer, "in_features"))
     # Each adapter's low-rank activation, input of its second matmul.
@@ -425,6 +427,7 @@ def estimate_memory(
     gradient_accumulation: int = 1,
     fp32_master: bool = False,
     master_copy: bool = False,
+    compiled: bool = False,
 ) -> MemoryEstimate:
     """Estimate a decoder-only transformer's training memory for `tokens` per micro-batch.
 
@@ -438,6 +441,7 @@ def estimate_memory(
         gradient_accumulation: above 1, the gradients stay allocated through the forward passes.
         fp32_master: the engine holds the trainable parameters in fp32 (`Strategy.fp32_master`).
         master_copy: the engine keeps an fp32 copy of them as optimizer state (`Strategy.master_copy`).
+        compiled: the decoder layers are compiled (`speed.compile`): norm outputs are kept.
     """
     shape = ModelShape.from_config(getattr(model, "config", None))
     if quantization is None:
@@ -463,7 +467,7 @@ def estimate_memory(
     per_layer = []
     for layer in _decoder_layers(model, shape.layers):
         flowing = flowing or any(p.requires_grad for p in layer.parameters())
-        saved = _saved_per_token(shape, layer, liger, quantization != "none", compute_16bit) * tokens * element if flowing else 0
+        saved = _saved_per_token(shape, layer, liger, quantization != "none", compute_16bit, compiled) * tokens * element if flowing else 0
         # NF4 experts are dequantized while their layer computes, and the expert matmuls keep
         # the 16-bit weights for the backward pass.
         per_layer.append(saved + (expert_bytes(layer) if quantization == "4bit" and flowing else 0))

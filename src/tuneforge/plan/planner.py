@@ -271,6 +271,7 @@ def plan_config(config: Config, options: PlanOptions | None = None) -> Plan:
         model, micro_batch * config.data.max_length, liger=liger, quantization=quantization,
         compute_16bit=computes_in_16bit(model, config.train), optim=str(config.train.optim),
         gradient_accumulation=config.train.gradient_accumulation_steps, fp32_master=strategy.fp32_master, master_copy=strategy.master_copy,
+        compiled=config.speed.compile,
     ).sharded(strategy, options.gpus)
     recompute_every, offload = _activation_policy(config, estimate, gpu_memory)
     setup = {

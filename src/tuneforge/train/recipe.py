@@ -100,7 +100,7 @@ from tuneforge.train.run_dir import (
     write_run_metadata,
 )
 from tuneforge.train.speed import (
-    FusedLoraMlp,
+    FusedLoraActivations,
     SpeedPlan,
     compile_decoder_layers,
     plan_speed,
@@ -482,7 +482,8 @@ def train(
         if layer_checkpointing is not None:
             trainer.add_callback(layer_checkpointing)
         if config.speed.fused_lora:
-            trainer.add_callback(FusedLoraMlp())
+            # A compiled layer would break its graph at the norm hook's attribute on a tensor.
+            trainer.add_callback(FusedLoraActivations(norm_outputs=not config.speed.compile))
         trainer.checkpoint_layout = {
             **checkpoint_layout(config.distributed, ranks.world_size), "data_fingerprint": datasets.fingerprint,
         }

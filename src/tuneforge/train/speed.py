@@ -146,7 +146,7 @@ def plan_speed(
             model, tokens_per_micro_batch, liger=liger, compute_16bit=computes_in_16bit(model, train),
             optim=str(getattr(train, "optim", "adamw_torch")),
             gradient_accumulation=getattr(train, "gradient_accumulation_steps", 1), fp32_master=sharding[0].fp32_master,
-            master_copy=sharding[0].master_copy,
+            master_copy=sharding[0].master_copy, compiled=speed.compile,
         ).sharded(*sharding)
     except ConfigError:
         if speed.activations == "auto" and cuda and not explicit_checkpointing:
@@ -259,15 +259,22 @@ class LayerCheckpointing(TrainerCallback):
                 module._gradient_checkpointing_func = _LayerCheckpoint(func, self.reentrant, self.offload)
 
 
-class FusedLoraMlp(TrainerCallback):
-    """SwiGLU MLPs with a fused LoRA down projection keep no `silu(gate) * up` product
-    (`methods.fused_lora.install_fused_lora_mlp`). Installed when training begins, after the
-    Trainer's Liger patch, which binds its own MLP forward."""
+class FusedLoraActivations(TrainerCallback):
+    """What fused LoRA adapters let a layer not keep: the `silu(gate) * up` product of SwiGLU MLPs
+    with a fused LoRA down projection (`methods.fused_lora.install_fused_lora_mlp`) and, unless the
+    layers are compiled, the outputs of norms read by fused adapters (`install_norm_recompute`).
+    Installed when training begins, after the Trainer's Liger patch, which binds its own MLP and
+    norm forwards."""
+
+    def __init__(self, norm_outputs: bool = True) -> None:
+        self.norm_outputs = norm_outputs
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        from tuneforge.methods.fused_lora import install_fused_lora_mlp
+        from tuneforge.methods.fused_lora import install_fused_lora_mlp, install_norm_recompute
 
         install_fused_lora_mlp(model)
+        if self.norm_outputs:
+            install_norm_recompute(model)
 
 
 def reentrant_checkpointing_applies(args: Any, engine: str) -> bool:
@@ -288,7 +295,7 @@ def compile_decoder_layers(model: torch.nn.Module) -> int:
 
 
 __all__ = [
-    "FusedLoraMlp",
+    "FusedLoraActivations",
     "LayerCheckpointing",
     "OffloadToCpu",
     "SpeedPlan",
