@@ -423,10 +423,7 @@ def runs_with_its_base(module: torch.nn.Module) -> bool:
     if not _is_linear_lora(module) or getattr(module, "forward", None).__func__ is not _frozen_linear_lora_forward:
         return False
     base = module.get_base_layer()
-    return (
-        len(module.lora_A) == 1 and _single_fused_adapter(module) is not None
-        and not base.weight.requires_grad and not _has_hooks(base)
-    )
+    return _single_fused_adapter(module) is not None and not base.weight.requires_grad and not _has_hooks(base)
 
 
 def recomputes_swiglu_product(mlp: torch.nn.Module) -> bool:
