@@ -1,6 +1,7 @@
 """tuneforge's `Trainer`: the Hugging Face one, with atomic checkpoints (`checkpoints.py`),
-skipped non-finite steps (`guards.py`), rollback after a loss spike (`spike.py`), and logging
-of the losses a model adds itself.
+skipped non-finite steps (`guards.py`), rollback after a loss spike (`spike.py`), logging
+of the losses a model adds itself, and less host work a step (the FLOP count and the module
+walks done once: a LoRA step is partly bound by the host).
 
 MoE models add the router load-balancing loss to the language-modelling loss (PITFALLS 10:
 when it is silently off, experts collapse). It is logged as `aux_loss` so a run shows it.
