@@ -383,3 +383,30 @@ def test_adapters_reading_a_norm_keep_its_input_and_recompute_its_output_once(mo
     for name, grad in ref_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=0, atol=0, msg=name)
     torch.testing.assert_close(input_grad, ref_input_grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_norm_outputs_are_recomputed_exactly_inside_recomputed_layers(monkeypatch, reentrant):
+    """Under checkpointing the layer runs again in the backward pass: re-entrant recomputes it
+    before the adapters' backward, non-re-entrant unpacks the norm input the adapters kept from
+    the recomputation. Either way the gradients are those of keeping everything."""
+    monkeypatch.setattr(fused_lora, "keeps_its_input", lambda norm: type(norm).__name__ == "LlamaRMSNorm")
+    reference = _lora_model(torch.float32)
+    install_fused_lora(reference)
+    install_fused_lora_mlp(reference)
+    recomputing = copy.deepcopy(reference)
+    install_norm_recompute(recomputing)
+    recomputing.train()
+    recomputing.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    norm_calls = []
+    for layer in recomputing.base_model.model.model.layers:
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            original = norm.forward
+            norm.forward = lambda x, _original=original: norm_calls.append(1) or _original(x)
+    ref_loss, ref_grads, ref_input_grad = _loss_and_grads(reference)
+    loss, grads, input_grad = _loss_and_grads(recomputing)
+    assert len(norm_calls) == 3 * 4  # the forward, the layers' recomputation, the outputs' recomputation
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-6, atol=1e-7, msg=name)
+    torch.testing.assert_close(input_grad, ref_input_grad, rtol=1e-6, atol=1e-7)
