@@ -35,6 +35,7 @@ again in the backward (never kept).
 from __future__ import annotations
 
 import functools
+import types
 import weakref
 from typing import Any
 
@@ -360,8 +361,6 @@ def install_fused_lora(model: torch.nn.Module) -> int:
     """Give every plain LoRA linear adapter of `model` the fused forward, and LoRA layers on a
     16-bit or 4-bit linear `_FrozenLinearLora`'s. Adapters with a variant of their own (DoRA and
     others) keep it. Returns how many adapters were switched."""
-    import types
-
     switched = 0
     for module in model.modules():
         if not _is_linear_lora(module):
@@ -436,8 +435,6 @@ def install_fused_lora_mlp(model: torch.nn.Module) -> int:
     forward of `_SwiGLUDownLora`. It replaces the MLP's bound `forward` (as Liger's SwiGLU does,
     so it must come after Liger's patch: the Trainer applies Liger inside `train()`). Returns
     how many MLPs were switched."""
-    import types
-
     switched = 0
     for module in model.modules():
         if _fused_down(module) is not None:
