@@ -17,14 +17,18 @@ def test_tuneforge_and_plain_hf_train_the_same_model_on_the_same_rows(shared_dir
     output = tmp_path / "bench.json"
     # A label that holds a path still names its log and result files.
     recompute = f"tuneforge+speed.activations=recompute+data.cache_dir={tmp_path / 'other-cache'}"
+    # Two runs at a time (two GPUs on a GPU machine, two processes here).
     results = run_bench(BenchOptions(
         cases=["tiny-lora"], systems=["tuneforge", recompute, "hf", "trl"],
-        data_dir=shared_dir / "data", work=tmp_path / "work", output=output, profile=True, timeout_s=300,
+        data_dir=shared_dir / "data", work=tmp_path / "work", output=output, profile=True, timeout_s=300, parallel=2,
     ))
     by_system = {row["system"]: row for row in results}
     assert by_system["trl"]["status"].startswith("skipped: TRL's packing is for variable-length data")
     ran = [by_system[name] for name in ("tuneforge", recompute, "hf")]
     assert all(row["status"] == "ok" for row in ran), [row["status"] for row in ran]
+    assert {row["gpu"] for row in ran} == {"0", "1"}
+    # Two tuneforge runs of one case, each in its own run folder.
+    assert len(list((tmp_path / "work" / "runs").glob("tuneforge*tiny-lora/summary.json"))) == 2
     case = CASES["tiny-lora"]
     for row in ran:
         assert row["steps"] == case.steps and row["tokens"] == case.steps * case.micro_batch * case.seq
@@ -52,6 +56,8 @@ def test_tuneforge_and_plain_hf_train_the_same_model_on_the_same_rows(shared_dir
 def test_unknown_cases_and_systems_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown case 'lora70b'"):
         run_bench(BenchOptions(cases=["lora70b"], systems=["hf"], data_dir=tmp_path, work=tmp_path))
+    with pytest.raises(ConfigError, match="--parallel 0"):
+        run_bench(BenchOptions(cases=["tiny-lora"], systems=["hf"], data_dir=tmp_path, work=tmp_path, parallel=0))
     with pytest.raises(ConfigError, match="unknown system 'hf\\+speed.liger=true'"):
         run_bench(BenchOptions(cases=["tiny-lora"], systems=["hf+speed.liger=true"], data_dir=tmp_path, work=tmp_path))
 

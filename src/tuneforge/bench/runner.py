@@ -8,17 +8,22 @@ system: tokens/s (median of the steps after warm-up; whole-run real tokens/s for
 data; all processes' tokens), the ratio to plain HF, to the best peer and, for a multi-GPU case,
 to the same system on one GPU (scaling), peak memory (rank 0), model FLOPs utilisation against
 the matmul peak measured at the start (per GPU), and the loss of the first and last step.
+`--parallel N` runs N one-GPU runs at a time, each on a GPU of its own, so a machine with N GPUs
+runs the whole table in about 1/N of the time; each run still has its GPU to itself.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +49,7 @@ class BenchOptions:
     profile: bool = False
     peers_path: str | None = None  # PYTHONPATH of an environment holding Unsloth
     timeout_s: int = 900
+    parallel: int = 1  # one-GPU runs at a time, each on its own GPU
     results: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -67,7 +73,8 @@ def flops_per_token(case: Case) -> float:
     return model_flops_per_token(ModelShape.from_config(SHAPES[case.shape]), case.seq, weight_gradients=case.method == "full")
 
 
-def run_one(case: Case, system: str, options: BenchOptions) -> dict[str, Any]:
+def run_one(case: Case, system: str, options: BenchOptions, gpu: str | None = None) -> dict[str, Any]:
+    """`gpu`: the GPU a one-GPU case runs on (by default the first visible one)."""
     logs = options.work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     case_path = options.work / f"case-{case.name}.json"
@@ -83,8 +90,7 @@ def run_one(case: Case, system: str, options: BenchOptions) -> dict[str, Any]:
     if case.nproc == 1:
         # A one-GPU case sees one GPU: plain HF's Trainer would otherwise spread it over all of
         # them with DataParallel.
-        visible = environment.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
-        environment["CUDA_VISIBLE_DEVICES"] = visible or "0"
+        environment["CUDA_VISIBLE_DEVICES"] = gpu if gpu is not None else visible_gpus()[0]
     if case.nproc > 1:
         from tuneforge.train.launch import resolve_rendezvous, torchrun_arguments
 
@@ -95,7 +101,8 @@ def run_one(case: Case, system: str, options: BenchOptions) -> dict[str, Any]:
     if options.profile and system.startswith("tuneforge"):
         command.append("--profile")
     log = logs / f"{stem}.log"
-    print(f"[bench] {case.name} / {system} ...", flush=True)
+    where = f" (GPU {environment['CUDA_VISIBLE_DEVICES']})" if options.parallel > 1 and case.nproc == 1 else ""
+    print(f"[bench] {case.name} / {system}{where} ...", flush=True)
     started = time.perf_counter()
     with log.open("w", encoding="utf-8") as handle:
         # Its own process group: a timeout stops torchrun's workers too, which would otherwise
@@ -109,12 +116,62 @@ def run_one(case: Case, system: str, options: BenchOptions) -> dict[str, Any]:
             process.wait()
             status = f"timed out after {options.timeout_s} s"
     wall = time.perf_counter() - started
+    placed = {"gpu": environment["CUDA_VISIBLE_DEVICES"]} if case.nproc == 1 else {}
     if status != "ok":
         tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:] if log.exists() else []
         print(f"[bench]   {status}: {tail[0] if tail else ''} (log: {log})", flush=True)
-        return {"case": case.name, "system": system, "status": status, "wall_s": wall}
+        return {"case": case.name, "system": system, "status": status, "wall_s": wall, **placed}
     result = json.loads(result_path.read_text(encoding="utf-8"))
-    return {**result, "status": "ok", "wall_s": wall}
+    return {**result, "status": "ok", "wall_s": wall, **placed}
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them."""
+    named = [name for name in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if name]
+    if named:
+        return named
+    return [str(index) for index in range(max(1, torch.cuda.device_count()))]
+
+
+def run_all(jobs: list[tuple[Case, str]], options: BenchOptions, done: Any) -> list[dict[str, Any]]:
+    """Every (case, system) run, results in the order of `jobs`; `done(results)` after each run.
+
+    With `options.parallel` > 1, one-GPU runs go `parallel` at a time, each on a GPU of its own
+    (on a machine without CUDA, as that many CPU processes); a multi-GPU case runs alone, after
+    them, since it needs every GPU.
+    """
+    results: list[dict[str, Any] | None] = [None] * len(jobs)
+    finished = threading.Lock()
+
+    def run(index: int, gpu: str | None) -> None:
+        case, system = jobs[index]
+        reason = runs_on(system, case, options.peers_path)
+        row = run_one(case, system, options, gpu) if reason is None else {"case": case.name, "system": system, "status": f"skipped: {reason}"}
+        with finished:
+            results[index] = row
+            done([r for r in results if r is not None])
+
+    alone = [i for i, (case, _) in enumerate(jobs) if case.nproc > 1 or options.parallel == 1]
+    shared = [i for i in range(len(jobs)) if i not in alone]
+    if shared:
+        gpus = visible_gpus() if torch.cuda.is_available() else [str(slot) for slot in range(options.parallel)]
+        free: queue.Queue[str] = queue.Queue()
+        for gpu in gpus[: options.parallel]:
+            free.put(gpu)
+
+        def on_a_free_gpu(index: int) -> None:
+            gpu = free.get()
+            try:
+                run(index, gpu)
+            finally:
+                free.put(gpu)
+
+        with ThreadPoolExecutor(max_workers=options.parallel) as pool:
+            for future in [pool.submit(on_a_free_gpu, index) for index in shared]:
+                future.result()
+    for index in alone:
+        run(index, None)
+    return [row for row in results if row is not None]
 
 
 def _rate(result: dict[str, Any], case: Case) -> float | None:
@@ -165,6 +222,11 @@ def run_bench(options: BenchOptions) -> list[dict[str, Any]]:
     unknown = [name for name in options.cases if name not in CASES]
     if unknown:
         raise ConfigError(f"unknown case {unknown[0]!r}", where="--cases", hint=f"known: {', '.join(CASES)}")
+    if options.parallel < 1 or (torch.cuda.is_available() and options.parallel > len(visible_gpus())):
+        raise ConfigError(
+            f"--parallel {options.parallel}: this machine has {len(visible_gpus())} GPU(s)", where="--parallel",
+            hint="each run at once needs a GPU of its own; 1 runs them one after another",
+        )
     systems = [s for s in options.systems if s.split("+")[0] not in ("tuneforge", *PEERS) or ("+" in s and not s.startswith("tuneforge+"))]
     if systems:
         raise ConfigError(f"unknown system {systems[0]!r}", where="--systems", hint="tuneforge, hf, trl, unsloth")
@@ -181,24 +243,16 @@ def run_bench(options: BenchOptions) -> list[dict[str, Any]]:
         print(f"[bench] bf16 matmul peak on this GPU: {peak:.0f} TFLOP/s", flush=True)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
-    def write_output() -> None:
+    def after_each_run(results: list[dict[str, Any]]) -> None:
+        # After every run: a long benchmark cut short keeps what finished.
+        add_ratios(results, peak)
         if options.output is not None:
             options.output.write_text(
-                json.dumps({"device": device, "matmul_peak_tflops": peak, "results": results}, indent=1) + "\n",
+                json.dumps({"device": device, "matmul_peak_tflops": peak, "parallel": options.parallel, "results": results}, indent=1) + "\n",
                 encoding="utf-8",
             )
 
-    results: list[dict[str, Any]] = []
-    for case in cases:
-        for system in options.systems:
-            reason = runs_on(system, case, options.peers_path)
-            if reason is None:
-                results.append(run_one(case, system, options))
-            else:
-                results.append({"case": case.name, "system": system, "status": f"skipped: {reason}"})
-            # After every run: a long benchmark cut short keeps what finished.
-            add_ratios(results, peak)
-            write_output()
+    results = run_all([(case, system) for case in cases for system in options.systems], options, after_each_run)
     import transformers
 
     print(f"\ndevice: {device}; torch {torch.__version__}; transformers {transformers.__version__}")
@@ -211,4 +265,4 @@ def run_bench(options: BenchOptions) -> list[dict[str, Any]]:
     return results
 
 
-__all__ = ["BenchOptions", "flops_per_token", "format_table", "run_bench", "runs_on"]
+__all__ = ["BenchOptions", "flops_per_token", "format_table", "run_all", "run_bench", "runs_on", "visible_gpus"]

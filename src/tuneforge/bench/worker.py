@@ -40,9 +40,9 @@ def _schedule(case: Case) -> dict[str, Any]:
     return {"max_steps": case.steps} if case.steps else {"num_train_epochs": case.epochs}
 
 
-def _common_arguments(case: Case, work: Path, micro_batch: int, **extra: Any) -> dict[str, Any]:
+def _common_arguments(case: Case, run_dir: Path, micro_batch: int, **extra: Any) -> dict[str, Any]:
     return {
-        "output_dir": str(work / "scratch"),
+        "output_dir": str(run_dir),
         "per_device_train_batch_size": micro_batch,
         "learning_rate": LEARNING_RATE,
         "seed": SEED,
@@ -64,7 +64,7 @@ def _rows(work: Path, case: Case) -> Any:
     return Dataset.from_list([json.loads(line) for line in lines])
 
 
-def run_tuneforge(case: Case, work: Path, callbacks: list[Any], overrides: list[str]) -> None:
+def run_tuneforge(case: Case, work: Path, run_dir: Path, callbacks: list[Any], overrides: list[str]) -> None:
     from tuneforge.bench.cases import data_section
     from tuneforge.train.recipe import train
 
@@ -72,7 +72,7 @@ def run_tuneforge(case: Case, work: Path, callbacks: list[Any], overrides: list[
     method: dict[str, Any] = {"name": "full"} if case.method == "full" else {
         "name": "lora", "r": LORA["r"], "lora_alpha": LORA["lora_alpha"], "target_modules": "all-linear",
     }
-    arguments = _common_arguments(case, work, case.packed_micro_batch if varlen else case.micro_batch)
+    arguments = _common_arguments(case, run_dir, case.packed_micro_batch if varlen else case.micro_batch)
     for key in ("output_dir", "include_num_input_tokens_seen"):
         arguments.pop(key)  # tuneforge sets these itself
     config = {
@@ -83,7 +83,7 @@ def run_tuneforge(case: Case, work: Path, callbacks: list[Any], overrides: list[
         "data": {**data_section(case, work, work / "data", packing=varlen)},
         "method": method,
         "train": arguments,
-        "output": {"dir": str(work / "runs" / f"tuneforge-{case.name}"), "overwrite": True},
+        "output": {"dir": str(run_dir), "overwrite": True},
         "distributed": {"strategy": case.strategy},  # deepspeed: ZeRO-3, the default stage
     }
     train(config, overrides=overrides, callbacks=callbacks)
@@ -117,7 +117,7 @@ def _peft_model(case: Case, work: Path, checkpointing: bool) -> Any:
     return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", target_modules=LORA_TARGETS, **LORA))
 
 
-def run_hf(case: Case, work: Path, callbacks: list[Any], overrides: list[str]) -> None:
+def run_hf(case: Case, work: Path, run_dir: Path, callbacks: list[Any], overrides: list[str]) -> None:
     from transformers import (
         AutoTokenizer,
         DataCollatorForSeq2Seq,
@@ -129,7 +129,7 @@ def run_hf(case: Case, work: Path, callbacks: list[Any], overrides: list[str]) -
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     checkpointing = case.baseline_checkpointing
     # Before the model: with ZeRO-3 the arguments make from_pretrained load straight into shards.
-    arguments = TrainingArguments(**_common_arguments(case, work, case.micro_batch, **_hf_engine(case, checkpointing)))
+    arguments = TrainingArguments(**_common_arguments(case, run_dir, case.micro_batch, **_hf_engine(case, checkpointing)))
     model = _peft_model(case, work, checkpointing)
     Trainer(
         model=model, args=arguments, train_dataset=_rows(work, case),
@@ -158,7 +158,7 @@ def _hf_engine(case: Case, checkpointing: bool) -> dict[str, Any]:
     return {"gradient_checkpointing": checkpointing}
 
 
-def run_trl(case: Case, work: Path, callbacks: list[Any], overrides: list[str]) -> None:
+def run_trl(case: Case, work: Path, run_dir: Path, callbacks: list[Any], overrides: list[str]) -> None:
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -171,7 +171,7 @@ def run_trl(case: Case, work: Path, callbacks: list[Any], overrides: list[str]) 
     model = AutoModelForCausalLM.from_pretrained(
         str(work / f"weights-{case.shape}"), dtype=torch.bfloat16, attn_implementation="sdpa",
     )
-    arguments = _common_arguments(case, work, case.packed_micro_batch, gradient_checkpointing=True)
+    arguments = _common_arguments(case, run_dir, case.packed_micro_batch, gradient_checkpointing=True)
     config = SFTConfig(
         **arguments, packing=True, packing_strategy="bfd", padding_free=True, max_length=case.seq,
         completion_only_loss=True, dataset_num_proc=1,
@@ -182,7 +182,7 @@ def run_trl(case: Case, work: Path, callbacks: list[Any], overrides: list[str]) 
     ).train()
 
 
-def run_unsloth(case: Case, work: Path, callbacks: list[Any], overrides: list[str]) -> None:
+def run_unsloth(case: Case, work: Path, run_dir: Path, callbacks: list[Any], overrides: list[str]) -> None:
     from transformers import (
         AutoTokenizer,
         DataCollatorForSeq2Seq,
@@ -202,7 +202,7 @@ def run_unsloth(case: Case, work: Path, callbacks: list[Any], overrides: list[st
     tokenizer = AutoTokenizer.from_pretrained(str(work / "tokenizer"))
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     Trainer(
-        model=model, args=TrainingArguments(**_common_arguments(case, work, case.micro_batch)),
+        model=model, args=TrainingArguments(**_common_arguments(case, run_dir, case.micro_batch)),
         train_dataset=_rows(work, case),
         data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
         callbacks=callbacks,
@@ -225,7 +225,9 @@ def main(argv: list[str]) -> int:
         from tuneforge.bench.profile import StepProfiler
 
         callbacks.append(StepProfiler(step=WARMUP_STEPS + 1, trace_path=f"{result_path}.trace.json.gz"))
-    SYSTEMS[system](case, Path(work), callbacks, overrides)
+    # Each run its own folder: runs of one case may go at once (`tuneforge bench --parallel`).
+    run_dir = Path(work) / "runs" / Path(result_path).name.removeprefix("result-").removesuffix(".json")
+    SYSTEMS[system](case, Path(work), run_dir, callbacks, overrides)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # rank 0's timer and memory are the result
     result = {"system": label, "case": case.name, **callbacks[0].result(WARMUP_STEPS)}

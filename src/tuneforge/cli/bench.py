@@ -20,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", action="store_true", help="also show where one tuneforge step's time goes (and write its timeline beside the results: *.trace.json.gz)")
     parser.add_argument("--peers-path", help="PYTHONPATH of an environment with Unsloth installed")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per case and system")
+    parser.add_argument("--parallel", type=int, default=1, help="one-GPU runs at a time, each on its own GPU (multi-GPU cases still run alone)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
         BenchOptions(
             cases=args.cases.split(","), systems=args.systems.split(","), data_dir=args.data, work=args.work,
             output=args.output, profile=args.profile, peers_path=args.peers_path, timeout_s=args.timeout,
+            parallel=args.parallel,
         )
     )
     return 0 if all(r["status"] == "ok" or r["status"].startswith("skipped") for r in results) else 1
