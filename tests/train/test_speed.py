@@ -287,7 +287,7 @@ def test_reentrant_checkpointing_is_for_one_process_or_ddp_without_the_unused_pa
 def test_offloaded_layers_train_as_kept_ones_and_their_inputs_go_through_the_offload_hooks(tmp_path, tiny_model_dir, monkeypatch):
     packed = []
     original = speed.OffloadToCpu._pack
-    monkeypatch.setattr(speed.OffloadToCpu, "_pack", classmethod(lambda cls, t: packed.append(t.shape) or original.__func__(cls, t)))
+    monkeypatch.setattr(speed.OffloadToCpu, "_pack", lambda self, t: packed.append(t.shape) or original(self, t))
     kept, _ = one_step_gradients(tmp_path / "keep", tiny_model_dir, SpeedPlan(False, "off", "keep"))
     for reentrant in (True, False):
         packed.clear()
@@ -303,18 +303,21 @@ def test_offloaded_layers_train_as_kept_ones_and_their_inputs_go_through_the_off
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="offloading copies between a CUDA GPU and pinned memory")
-def test_offload_keeps_the_saved_tensors_in_cpu_memory_and_gives_the_same_gradients():
+def test_offload_keeps_the_saved_tensors_in_cpu_memory_fetches_the_previous_layer_ahead_and_gives_the_same_gradients(monkeypatch):
     device = torch.device("cuda")
     weight = torch.randn(1024, 1024, device=device, requires_grad=True)
     x = torch.randn(4096, 1024, device=device)
+    fetched_ahead = []
+    original = speed.OffloadToCpu._fetch_ahead.__func__
+    monkeypatch.setattr(speed.OffloadToCpu, "_fetch_ahead", classmethod(lambda cls, ref: fetched_ahead.append(n := original(cls, ref)) or n))
 
     def run(offload: bool):
         weight.grad = None
-        with speed.OffloadToCpu() if offload else contextlib.nullcontext():
-            hidden = [x]
-            for _ in range(8):
+        hidden = [x]
+        for _ in range(8):  # each "layer" under its own context, as each recomputed decoder layer
+            with speed.OffloadToCpu() if offload else contextlib.nullcontext():
                 hidden.append(torch.tanh(hidden[-1] @ weight))
-            del hidden[:-1]
+        del hidden[:-1]
         torch.cuda.synchronize()
         # A tensor whose copy ran on the side stream is freed once the allocator sees that copy's
         # event complete, which it checks when it next allocates.
@@ -328,6 +331,9 @@ def test_offload_keeps_the_saved_tensors_in_cpu_memory_and_gives_the_same_gradie
     activation = 4096 * 1024 * 4
     assert kept_bytes - offloaded_bytes >= 4 * activation, (kept_bytes, offloaded_bytes)  # most left the GPU
     torch.testing.assert_close(offloaded_grad, kept_grad)
+    # Layers 8..2 each fetched the one before them (its input and its output, saved by matmul and
+    # tanh) while their own backward ran; layer 1's tensors were all fetched by then.
+    assert sum(fetched_ahead) >= 7 and fetched_ahead[-1] == 0, fetched_ahead
 
 
 def test_the_trainer_counts_the_parameters_for_its_flops_once(tmp_path, tiny_model_dir, monkeypatch):

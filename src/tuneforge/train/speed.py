@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -182,40 +183,100 @@ def reentrant_is_exact(function: Any, args: tuple[Any, ...]) -> bool:
     return not any(isinstance(value, torch.Tensor) and value.requires_grad for value in keywords.values())
 
 
+class _Offloaded:
+    """One saved tensor in pinned CPU memory; `ahead`: its copy back, queued before it was asked for."""
+
+    __slots__ = ("__weakref__", "ahead", "copied", "device", "host", "layer", "unpacked")
+
+    def __init__(self, device: torch.device, host: torch.Tensor, copied: torch.cuda.Event, layer: _OffloadedLayer) -> None:
+        self.device, self.host, self.copied, self.layer = device, host, copied, layer
+        self.ahead: tuple[torch.Tensor, torch.cuda.Event] | None = None
+        self.unpacked = False
+
+
+class _OffloadedLayer:
+    """The tensors one offloaded call saved, and the call offloaded before it: the backward pass
+    asks for the layers in reverse order, so unpacking one layer fetches the one before it."""
+
+    __slots__ = ("__weakref__", "fetched", "previous", "saved")
+
+    def __init__(self, previous: weakref.ref[_OffloadedLayer] | None) -> None:
+        # Weak references both ways: the autograd graph alone keeps saved tensors alive.
+        self.saved: list[weakref.ref[_Offloaded]] = []
+        self.previous = previous
+        self.fetched = False
+
+
 class OffloadToCpu(torch.autograd.graph.saved_tensors_hooks):
     """Tensors saved for the backward pass under it live in pinned CPU memory.
 
-    Unlike `torch.autograd.graph.save_on_cpu` (what transformers' `offload` uses), the copy out
-    runs on a side CUDA stream, overlapping the next layer's compute instead of queueing in front
-    of it; the copy back waits only for its own copy out. CPU tensors are kept as they are.
+    Unlike `torch.autograd.graph.save_on_cpu` (what transformers' `offload` uses), the copies run
+    on a side CUDA stream instead of queueing in front of the compute: the copy out overlaps the
+    next layer's forward, and when the backward pass unpacks one layer's tensors the previous
+    layer's are copied back, overlapping this layer's backward. Each use of the context is one
+    layer. CPU tensors are kept as they are.
     """
 
     _streams: ClassVar[dict[torch.device, torch.cuda.Stream]] = {}  # one copy stream a GPU
+    _last: ClassVar[weakref.ref[_OffloadedLayer] | None] = None  # the layer offloaded last
 
     def __init__(self) -> None:
+        self.layer = _OffloadedLayer(OffloadToCpu._last)
+        OffloadToCpu._last = weakref.ref(self.layer)
         super().__init__(self._pack, self._unpack)
 
     @classmethod
-    def _pack(cls, tensor: torch.Tensor) -> Any:
+    def _stream(cls, device: torch.device) -> torch.cuda.Stream:
+        return cls._streams.setdefault(device, torch.cuda.Stream(device))
+
+    def _pack(self, tensor: torch.Tensor) -> Any:
         if tensor.device.type != "cuda":
             return tensor
-        compute = torch.cuda.current_stream(tensor.device)
-        stream = cls._streams.setdefault(tensor.device, torch.cuda.Stream(tensor.device))
-        stream.wait_stream(compute)  # the tensor is written by kernels queued before this point
+        stream = self._stream(tensor.device)
+        stream.wait_stream(torch.cuda.current_stream(tensor.device))  # written by kernels queued before this point
         with torch.cuda.stream(stream):
             host = torch.empty(tensor.size(), dtype=tensor.dtype, layout=tensor.layout, pin_memory=True)
             host.copy_(tensor, non_blocking=True)
             copied = stream.record_event()
         tensor.record_stream(stream)  # its memory is not reused before the copy has read it
-        return tensor.device, host, copied
+        saved = _Offloaded(tensor.device, host, copied, self.layer)
+        self.layer.saved.append(weakref.ref(saved))
+        return saved
 
-    @staticmethod
-    def _unpack(packed: Any) -> torch.Tensor:
-        if isinstance(packed, torch.Tensor):
-            return packed
-        device, host, copied = packed
-        torch.cuda.current_stream(device).wait_event(copied)
-        return host.to(device, non_blocking=True)
+    @classmethod
+    def _unpack(cls, saved: Any) -> torch.Tensor:
+        if isinstance(saved, torch.Tensor):
+            return saved
+        compute = torch.cuda.current_stream(saved.device)
+        if saved.ahead is not None:
+            tensor, ready = saved.ahead
+            saved.ahead = None
+            compute.wait_event(ready)
+            tensor.record_stream(compute)  # allocated on the copy stream, read on this one
+        else:
+            compute.wait_event(saved.copied)
+            tensor = saved.host.to(saved.device, non_blocking=True)
+        saved.unpacked = True
+        cls._fetch_ahead(saved.layer.previous)
+        return tensor
+
+    @classmethod
+    def _fetch_ahead(cls, reference: weakref.ref[_OffloadedLayer] | None) -> int:
+        """Queue the copy back of a layer's tensors not yet unpacked; how many were queued."""
+        layer = reference() if reference is not None else None
+        if layer is None or layer.fetched:
+            return 0
+        layer.fetched = True
+        queued = 0
+        for saved in (ref() for ref in layer.saved):
+            if saved is None or saved.unpacked or saved.ahead is not None:
+                continue
+            stream = cls._stream(saved.device)  # where its copy out was queued: runs after it
+            with torch.cuda.stream(stream):
+                tensor = saved.host.to(saved.device, non_blocking=True)
+                saved.ahead = (tensor, stream.record_event())
+            queued += 1
+        return queued
 
 
 class _LayerCheckpoint:
