@@ -144,3 +144,19 @@ def test_a_two_process_case_counts_every_rank_and_reports_scaling(shared_dir, tm
         assert one.get("x_one_gpu") is None
     # The same rows reach the same ranks in the same order under both systems.
     assert rows["tiny-full-ddp2", "tuneforge"]["loss_first"] == pytest.approx(rows["tiny-full-ddp2", "hf"]["loss_first"], rel=1e-3)
+
+
+def test_a_profiled_step_and_the_profilers_own_work_count_in_no_figure():
+    """A profiled step runs slowly and the trace is written after it (seconds on a long run);
+    the whole-run rate of a variable-length case must not pay for either."""
+    from tuneforge.bench.timing import StepTimer
+
+    timer = StepTimer()
+    timer.steps = [(1.0, 100), (0.5, 100), (3.0, 100), (0.5, 100)]  # step 3 profiled
+    timer.train_seconds = 7.0  # 5 s of steps, the profiler's 1.5 s after step 3, 0.5 s of the rest
+    plain = timer.result(warmup=1)
+    assert plain["tokens_per_s_run"] == pytest.approx(400 / 7.0)
+    left_out = timer.result(warmup=1, left_out=(3, 4.5))  # the step's 3 s and the trace's 1.5 s
+    assert left_out["tokens_per_s_run"] == pytest.approx(300 / 2.5)
+    assert left_out["tokens_per_s_median"] == pytest.approx(200)
+    assert left_out["tokens"] == 400  # every step's tokens were trained

@@ -66,12 +66,17 @@ class StepProfiler(TrainerCallback):
         self._last_step_end = 0.0
         self.data_wait_seconds = 0.0
         self.top_other: list[tuple[str, float]] = []  # the unclassified kernels that cost most
+        # The profiled step and the profiler's own work after it (seconds on a long trace):
+        # left out of the run's timings (`StepTimer.result`).
+        self.seconds_spent = 0.0
+        self._began = 0.0
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.global_step + 1 != self.step:
             return
         # The gap since the previous step ended is the dataloader and the host's bookkeeping.
-        self.data_wait_seconds = time.perf_counter() - self._last_step_end if self._last_step_end else 0.0
+        self._began = time.perf_counter()
+        self.data_wait_seconds = self._began - self._last_step_end if self._last_step_end else 0.0
         activities = [torch.profiler.ProfilerActivity.CPU]
         if torch.cuda.is_available():
             activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -103,6 +108,7 @@ class StepProfiler(TrainerCallback):
         self.seconds_by_class = dict(sorted(totals.items(), key=lambda item: -item[1]))
         self.top_other = sorted(self.top_other, key=lambda item: -item[1])[:8]
         self._profiler = None
+        self.seconds_spent = time.perf_counter() - self._began
 
 
 # Classes that are not the compute stream's work: NCCL runs on its own stream, and the data

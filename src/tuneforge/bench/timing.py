@@ -60,17 +60,24 @@ class StepTimer(TrainerCallback):
         _sync()
         self.train_seconds = time.perf_counter() - self._train_started
 
-    def result(self, warmup: int) -> dict[str, Any]:
-        """Median tokens/s of the steps after `warmup`, whole-run tokens/s, peak memory, losses."""
-        measured = self.steps[warmup:] or self.steps
+    def result(self, warmup: int, left_out: tuple[int, float] | None = None) -> dict[str, Any]:
+        """Median tokens/s of the steps after `warmup`, whole-run tokens/s, peak memory, losses.
+
+        `left_out`: (step number, seconds) of a step that no figure counts, with the wall time it
+        and any work after it took (a profiled step: the profiler slows it and then writes its
+        trace)."""
+        skipped, skipped_seconds = left_out or (0, 0.0)
+        counted = [step for number, step in enumerate(self.steps, start=1) if number != skipped]
+        measured = [step for number, step in enumerate(self.steps, start=1) if number > warmup and number != skipped] or counted
         rates = [tokens / seconds for seconds, tokens in measured if seconds > 0]
-        total_tokens = sum(tokens for _, tokens in self.steps)
+        counted_tokens = sum(tokens for _, tokens in counted)
+        run_seconds = self.train_seconds - skipped_seconds
         return {
             "steps": len(self.steps),
             "tokens_per_s_median": statistics.median(rates) if rates else None,
-            "tokens_per_s_run": total_tokens / self.train_seconds if self.train_seconds else None,
+            "tokens_per_s_run": counted_tokens / run_seconds if run_seconds > 0 else None,
             "step_seconds_median": statistics.median(seconds for seconds, _ in measured) if measured else None,
-            "tokens": total_tokens,
+            "tokens": sum(tokens for _, tokens in self.steps),
             "train_seconds": self.train_seconds,
             "peak_gib": torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else None,
             "loss_first": self.losses[0] if self.losses else None,
