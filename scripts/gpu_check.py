@@ -100,7 +100,13 @@ def save_random_weights(model_dir: Path) -> Path:
         torch.manual_seed(0)
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir)), dtype=torch.bfloat16)
+        # Saved from CPU memory: saving splits fused MoE experts back into one tensor per expert,
+        # a second copy that a 94 GB Mixtral on one GPU has no room for.
+        model.to("cpu")
+        torch.cuda.empty_cache()
+        print(f"[gpu_check] random weights built, saving {weights}", flush=True)
         model.save_pretrained(str(weights), max_shard_size="5GB")
+        print(f"[gpu_check] saved", flush=True)
         del model
         torch.cuda.empty_cache()
         for item in model_dir.iterdir():
