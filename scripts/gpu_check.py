@@ -120,15 +120,15 @@ def run_case(name: str, config: dict, work: Path, launch: tuple[str, ...] = ()) 
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     started = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "tuneforge.cli.main", "train", str(path), *launch],
-        capture_output=True, text=True, check=False,
-    )
-    wall = time.perf_counter() - started
     log = work / f"{name}.log"
-    log.write_text(proc.stdout + "\n" + proc.stderr)
+    with log.open("w") as handle:  # written as the run goes: a run cut short shows how far it got
+        proc = subprocess.run(
+            [sys.executable, "-m", "tuneforge.cli.main", "train", str(path), *launch],
+            stdout=handle, stderr=subprocess.STDOUT, check=False,
+        )
+    wall = time.perf_counter() - started
     if proc.returncode != 0:
-        print(proc.stdout[-3000:], proc.stderr[-5000:], sep="\n")
+        print(log.read_text(errors="replace")[-8000:])
         return {"case": name, "status": f"failed ({proc.returncode})", "wall_s": round(wall, 1)}
     summary = json.loads((Path(config["output"]["dir"]) / "summary.json").read_text())
     metrics = [json.loads(l) for l in (Path(config["output"]["dir"]) / "metrics.jsonl").read_text().splitlines()]
