@@ -43,6 +43,8 @@ import torch
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from torch.nn.modules import module as torch_module
 
+from tuneforge.models.dequantize import dequantize_4bit
+
 
 class _LoraAdd(torch.autograd.Function):
     """`result + scaling * (x @ A.T) @ B.T`, computed in `result`'s dtype; with `in_place`, added
@@ -98,9 +100,7 @@ def _compute_dtype(base: torch.nn.Module, x: torch.Tensor) -> torch.dtype:
 def _frozen_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The base linear's weight as a dense `dtype` matrix; a 4-bit one dequantized by bitsandbytes."""
     if _is_4bit(base):
-        import bitsandbytes.functional as bnb_functional
-
-        return bnb_functional.dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)
+        return dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)
     return base.weight.to(dtype)
 
 

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch.nn.utils import parametrize
 
+from tuneforge.models.dequantize import dequantize_4bit
+
 
 def fused_expert_parameters(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
     """(module, name) of every fused expert weight: a parameter of three or more dimensions
@@ -52,11 +54,9 @@ class Nf4Weight(torch.nn.Module):
         return (packed,)  # a sequence: parametrize lets the stored dtype differ only then
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
-        import bitsandbytes.functional as bnb
-
         if self.quant_state.absmax.device != packed.device:  # the module moved (model.to(device))
             self.quant_state.to(packed.device)
-        return bnb.dequantize_4bit(packed, self.quant_state)
+        return dequantize_4bit(packed, self.quant_state)
 
 
 def _cache_on(module: torch.nn.Module, args: Any) -> None:
