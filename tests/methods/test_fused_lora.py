@@ -301,7 +301,7 @@ def four_bit_dir(tmp_path_factory):
     return path
 
 
-def _qlora_model(path) -> torch.nn.Module:
+def _qlora_model(path, device: str = "cpu") -> torch.nn.Module:
     """A QLoRA model as tuneforge loads one: NF4, double quantization, bf16 compute (bitsandbytes
     quantizes and dequantizes on the CPU too)."""
     from transformers import BitsAndBytesConfig
@@ -309,7 +309,7 @@ def _qlora_model(path) -> torch.nn.Module:
     quantization = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
     )
-    model = LlamaForCausalLM.from_pretrained(path, quantization_config=quantization, device_map="cpu")
+    model = LlamaForCausalLM.from_pretrained(path, quantization_config=quantization, device_map=device)
     torch.manual_seed(1)
     return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules="all-linear",
                                             init_lora_weights=False))
@@ -354,6 +354,39 @@ def test_4bit_fused_forward_follows_the_adapter_switches(four_bit_dir):
                                                  device_map="cpu").train()
         torch.testing.assert_close(off, plain(input_ids=TOKENS).logits)
         assert (on - off).abs().max() > 0.1
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
+)
+def test_compiled_4bit_layers_hold_the_fused_adapter_and_dequantization_in_one_graph(four_bit_dir, device):
+    """`speed.compile` on a QLoRA model: each decoder layer compiles to one graph with no break
+    (bitsandbytes' operators, not direct kernel calls, under compile) and trains as eager does."""
+    from tuneforge.train.speed import compile_decoder_layers
+
+    tokens = TOKENS.to(device)
+
+    def loss_and_grads(compiled: bool):
+        model = _qlora_model(four_bit_dir, device).train()
+        install_fused_lora(model)
+        install_fused_lora_mlp(model)
+        if compiled:
+            assert compile_decoder_layers(model) == 2
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        return loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+    eager_loss, eager_grads = loss_and_grads(False)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled_loss, compiled_grads = loss_and_grads(True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=2e-3, atol=0)
+    assert eager_grads.keys() == compiled_grads.keys() and eager_grads
+    for name, grad in eager_grads.items():
+        assert torch.nn.functional.cosine_similarity(compiled_grads[name].flatten(), grad.flatten(), dim=0) > 0.99, name
 
 
 def test_adapters_reading_a_norm_keep_its_input_and_recompute_its_output_once(monkeypatch):

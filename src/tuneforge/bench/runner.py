@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,7 +134,9 @@ def visible_gpus() -> list[str]:
     return [str(index) for index in range(max(1, torch.cuda.device_count()))]
 
 
-def run_all(jobs: list[tuple[Case, str]], options: BenchOptions, done: Any) -> list[dict[str, Any]]:
+def run_all(
+    jobs: list[tuple[Case, str]], options: BenchOptions, done: Callable[[list[dict[str, Any]]], None]
+) -> list[dict[str, Any]]:
     """Every (case, system) run, results in the order of `jobs`; `done(results)` after each run.
 
     With `options.parallel` > 1, one-GPU runs go `parallel` at a time, each on a GPU of its own

@@ -42,9 +42,10 @@ def cuda_kernels() -> CudaKernels | None:
 
 def dequantize_4bit(packed: torch.Tensor, state: Any) -> torch.Tensor:
     """The dense weight of bitsandbytes' packed 4-bit `packed` with its `QuantState`."""
-    kernels = cuda_kernels() if packed.is_cuda else None
-    # A packed tensor in the old transposed layout ([1, n]) takes bitsandbytes' own path, which
-    # transposes its result back.
+    # Under torch.compile, bitsandbytes' operators are what the graph can hold (a direct kernel
+    # call would break it). A packed tensor in the old transposed layout ([1, n]) takes
+    # bitsandbytes' own path too, which transposes its result back.
+    kernels = None if torch.compiler.is_compiling() or not packed.is_cuda else cuda_kernels()
     if kernels is None or packed.shape[0] == 1 or (state.nested and state.state2.code.device != packed.device):
         import bitsandbytes.functional as bnb_functional
 
