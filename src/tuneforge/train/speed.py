@@ -201,7 +201,8 @@ class _OffloadedLayer:
     __slots__ = ("__weakref__", "fetched", "previous", "saved")
 
     def __init__(self, previous: weakref.ref[_OffloadedLayer] | None) -> None:
-        # Weak references both ways: the autograd graph alone keeps saved tensors alive.
+        # Weak references to its tensors and to the previous layer: the autograd graph alone keeps
+        # saved tensors (and, through them, their layer) alive.
         self.saved: list[weakref.ref[_Offloaded]] = []
         self.previous = previous
         self.fetched = False
