@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,6 @@ class BenchOptions:
     peers_path: str | None = None  # PYTHONPATH of an environment holding Unsloth
     timeout_s: int = 900
     parallel: int = 1  # one-GPU runs at a time, each on its own GPU
-    results: list[dict[str, Any]] = field(default_factory=list)
 
 
 def runs_on(system: str, case: Case, peers_path: str | None) -> str | None:
