@@ -75,3 +75,72 @@ def test_lora_over_quantized_experts_trains_attention_and_router_and_leaves_the_
     experts = model.base_model.model.model.layers[0].mlp.experts
     assert len(experts.parametrizations.gate_up_proj) == 1  # peft left no parametrization of its own behind
     assert torch.equal(experts.parametrizations.gate_up_proj.original0, packed_before)
+
+
+def _saved_mixtral(directory) -> str:
+    """A Mixtral whose 16-bit experts (25 MB) are most of it, saved as a checkpoint."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=640, hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=64,
+    )
+    MixtralForCausalLM(config).to(torch.bfloat16).save_pretrained(str(directory))
+    return str(directory)
+
+
+def _load_4bit(path: str, monkeypatch, via_cpu: bool, device: torch.device) -> tuple[torch.nn.Module, int]:
+    """The model tuneforge loads, and the device memory its loading peaked at (CUDA)."""
+    from tuneforge.config.schema import ModelConfig
+    from tuneforge.models import loading
+
+    if device.type == "cpu":  # bitsandbytes quantizes on the CPU too: run the GPU path's steps here
+        monkeypatch.setattr(loading, "check_quantization_support", lambda config: None)
+        monkeypatch.setattr(loading, "_local_device", lambda: device)
+    else:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    config = ModelConfig(path=path, quantization="4bit", quantize_via_cpu=via_cpu, dtype="bfloat16")
+    model = loading.load_model(config).train()  # as in training (bitsandbytes repacks CPU weights for eval)
+    return model, torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
+)
+def test_quantizing_via_cpu_memory_stores_the_same_model_without_the_16_bit_experts_on_the_device(tmp_path, monkeypatch, device):
+    """`model.quantize_via_cpu`: the checkpoint loads into CPU memory, the experts are stored as
+    NF4 on the device one tensor at a time, then the model moves there. On a GPU loading peaks
+    at the quantized model plus one expert tensor, not the 16-bit model (Mixtral-8x7B's experts
+    are 88 GiB in bf16: more than an 80 GB H100)."""
+    import bitsandbytes
+
+    device = torch.device(device)
+    path = _saved_mixtral(tmp_path / "mixtral")
+    model, via_cpu_peak = _load_4bit(path, monkeypatch, via_cpu=True, device=device)
+    experts = model.model.layers[0].mlp.experts
+    assert is_nf4_parametrized(experts, "gate_up_proj") and is_nf4_parametrized(experts, "down_proj")
+    assert isinstance(model.model.layers[0].self_attn.q_proj, bitsandbytes.nn.Linear4bit)
+    assert {p.device.type for p in model.parameters()} == {device.type}
+    assert model.hf_device_map == {"": device.index if device.type == "cuda" else "cpu"}
+    tokens = torch.randint(0, 640, (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad():
+        via_cpu_logits = model(input_ids=tokens).logits
+    direct, direct_peak = _load_4bit(path, monkeypatch, via_cpu=False, device=device)
+    with torch.no_grad():
+        direct_logits = direct(input_ids=tokens).logits
+    # The same NF4 values (bitsandbytes' CPU and CUDA quantizers round alike up to ties).
+    assert torch.nn.functional.cosine_similarity(via_cpu_logits.flatten().float(), direct_logits.flatten().float(), dim=0) > 0.999
+    if device.type == "cuda":
+        # Loading on the GPU holds all 16-bit experts (25 MB) before storing them as NF4.
+        assert via_cpu_peak < 0.75 * direct_peak, (via_cpu_peak, direct_peak)
+
+
+def test_quantize_via_cpu_is_a_4bit_setting():
+    from pydantic import ValidationError
+
+    from tuneforge.config.schema import ModelConfig
+
+    with pytest.raises(ValidationError, match="quantize_via_cpu is for quantization: 4bit"):
+        ModelConfig(path="x", quantization="8bit", quantize_via_cpu=True)

@@ -107,6 +107,14 @@ class ModelConfig(Section):
         "`4bit` is NF4 with double quantization and bf16 compute (QLoRA), `8bit` is LLM.int8. "
         "Only adapters train on a quantized base (method lora).",
     )
+    quantize_via_cpu: bool = Field(
+        False,
+        description="With `quantization: 4bit`: load the checkpoint into CPU memory first "
+        "(bitsandbytes quantizes the linear layers there), store each fused MoE expert weight as "
+        "NF4 on the GPU one tensor at a time, then move the model to the GPU, so the GPU never "
+        "holds the 16-bit model. For MoE models whose 16-bit experts outgrow the GPU "
+        "(Mixtral-8x7B's are 88 GiB); needs CPU memory for the 16-bit checkpoint.",
+    )
     new_special_tokens: list[str] = Field(
         default_factory=list,
         description="Tokens added to the tokenizer as special tokens; the embeddings are resized "
@@ -126,6 +134,12 @@ class ModelConfig(Section):
         "in front of the language model at `path`. Unset with a LLaVA checkpoint at `path`, that "
         "model is fine-tuned as it is.",
     )
+
+    @model_validator(mode="after")
+    def _cpu_quantization_is_4bit(self) -> ModelConfig:
+        if self.quantize_via_cpu and self.quantization != "4bit":
+            raise ValueError(f"quantize_via_cpu is for quantization: 4bit (got {self.quantization!r})")
+        return self
 
 
 PREFERENCE_FORMATS = ("preference", "unpaired", "prompt")

@@ -258,6 +258,8 @@ def load_model(config: ModelConfig) -> torch.nn.Module:
             )
         extra["quantization_config"] = quantization_config(config)
         dtype = torch.bfloat16 if dtype == "auto" else dtype
+        if config.quantize_via_cpu:
+            extra["device_map"] = "cpu"  # bitsandbytes quantizes the linear layers on the CPU
     if config.attn_implementation is not None:
         extra["attn_implementation"] = config.attn_implementation
     try:
@@ -285,9 +287,13 @@ def load_model(config: ModelConfig) -> torch.nn.Module:
         ) from None
     if config.quantization == "4bit":
         # bitsandbytes quantized the linear layers; fused MoE experts (3-D) are stored as NF4 here.
-        stored = quantize_fused_experts(model)
+        device = _local_device() if config.quantize_via_cpu else None
+        stored = quantize_fused_experts(model, device=device)
         if stored:
             print(f"[tuneforge] 4-bit: {stored} fused MoE expert weights stored as NF4 (frozen)", flush=True)
+        if device is not None:
+            model.to(device)  # bitsandbytes moves its packed weights with their quantization state
+            model.hf_device_map = {"": device.index if device.type == "cuda" else device.type}
     return model
 
 

@@ -68,12 +68,18 @@ def _cache_off(module: torch.nn.Module, args: Any, output: Any) -> None:
     module._nf4_cache.__exit__(None, None, None)
 
 
-def quantize_fused_experts(model: torch.nn.Module) -> int:
+def quantize_fused_experts(model: torch.nn.Module, device: torch.device | None = None) -> int:
     """Store every fused expert weight of `model` as NF4 (frozen: quantized weights do not
-    train). Each experts module dequantizes once per call. Returns how many parameters."""
+    train). Each experts module dequantizes once per call. With `device`, each weight is moved
+    there and quantized there one at a time (a model loaded into CPU memory: only one 16-bit
+    weight is on the GPU at once). Returns how many parameters."""
     targets = fused_expert_parameters(model)
     modules: dict[int, torch.nn.Module] = {}
     for module, name in targets:
+        weight = getattr(module, name).detach()
+        if device is not None and weight.device != device:
+            # Replacing the parameter drops the CPU copy once the NF4 one is stored.
+            module._parameters[name] = torch.nn.Parameter(weight.to(device), requires_grad=False)
         getattr(module, name).requires_grad_(False)
         parametrize.register_parametrization(module, name, Nf4Weight(), unsafe=True)
         modules[id(module)] = module
