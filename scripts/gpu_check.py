@@ -269,7 +269,7 @@ def main() -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b")
     parser.add_argument(
         "--cases", default="lora,jcqa",
-        help="comma-separated: lora, jcqa, qlora8b, qlora-mixtral, optim8bit1b, vlm8b, dpo1b; "
+        help="comma-separated: lora, jcqa, qlora8b, qlora-mixtral, qlora-mixtral-via-cpu, optim8bit1b, vlm8b, dpo1b; "
         "on 2 GPUs: ddp-lora8b, fsdp-full8b, zero3-full8b, fsdp-resume1b",
     )
     args = parser.parse_args()
@@ -335,18 +335,21 @@ def main() -> int:
         qlora["train"].update(per_device_train_batch_size=1, gradient_checkpointing=True, max_steps=args.steps)
         qlora["output"]["dir"] = str(args.work / "runs" / "qlora-8b")
         results.append(run_case("qlora-nf4-llama-8b-seq2048-mb1-ckpt", qlora, args.work))
-    if "qlora-mixtral" in cases:
+    for mixtral_case in sorted(cases & {"qlora-mixtral", "qlora-mixtral-via-cpu"}):
         # QLoRA on a Mixtral-8x7B shape (issue 4): linear layers in 4 bits by bitsandbytes, the fused
         # experts as NF4 by tuneforge. Its random bf16 weights take 94 GB of disk (the two-GPU
-        # machine); loading holds the experts in bf16 on the GPU before storing them as NF4.
+        # machine); plain loading holds the experts in bf16 on the GPU before storing them as NF4.
         # `peak GiB` is the training peak (reset when training begins).
         layers = 32 if args.shape != "tiny" else 2
         weights = save_random_weights(build_mixtral_dir(tokenizer_dir, args.work / f"mixtral-{layers}l", layers))
         moe = json.loads(json.dumps(lora_1b))
         moe["model"] = {"path": str(weights), "quantization": "4bit", "dtype": "bfloat16", "attn_implementation": "sdpa"}
         moe["train"].update(per_device_train_batch_size=1, gradient_checkpointing=True, max_steps=args.steps)
-        moe["output"]["dir"] = str(args.work / "runs" / "qlora-mixtral")
-        results.append(run_case(f"qlora-nf4-mixtral-8x7b-{layers}l-seq2048-mb1-ckpt", moe, args.work))
+        # -via-cpu: loaded through CPU memory, so the GPU never holds the 16-bit experts (an 80 GB H100).
+        via_cpu = mixtral_case.endswith("via-cpu")
+        moe["model"]["quantize_via_cpu"] = via_cpu
+        moe["output"]["dir"] = str(args.work / "runs" / mixtral_case)
+        results.append(run_case(f"qlora-nf4-mixtral-8x7b-{layers}l-seq2048-mb1-ckpt{'-via-cpu' if via_cpu else ''}", moe, args.work))
     if "optim8bit1b" in cases:
         # bitsandbytes' paged 8-bit AdamW on full fine-tuning of the 1B shape, against AdamW.
         for optim in ("adamw_torch_fused", "paged_adamw_8bit"):
