@@ -89,31 +89,6 @@ def test_on_cpu_the_plan_follows_train_gradient_checkpointing(tiny_model_dir):
     assert plan.activations == "recompute" and "train.gradient_checkpointing" in plan.describe()
 
 
-def test_on_a_gpu_batches_are_collated_by_worker_processes_unless_the_train_section_says(tmp_path, tiny_model_dir, monkeypatch):
-    import os
-
-    from datasets import Dataset
-
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
-    keep = SpeedConfig(activations="keep")  # no memory budget to read from a GPU here
-    plan = plan_speed(keep, TrainSection(), model, tokens_per_micro_batch=64, device="cuda")
-    assert plan.loader_workers == speed.LOADER_WORKERS == 2
-    assert "batches collated by 2 data-loader workers" in plan.describe()
-    assert plan_speed(keep, TrainSection(dataloader_num_workers=0), model, tokens_per_micro_batch=64, device="cuda").loader_workers is None
-    # Streamed data: each worker would read the whole stream.
-    assert plan_speed(keep, TrainSection(), model, tokens_per_micro_batch=64, device="cuda", map_style_data=False).loader_workers is None
-    assert plan_speed(SpeedConfig(), TrainSection(), model, tokens_per_micro_batch=64, device="cpu").loader_workers is None
-
-    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=2)
-    plan.apply(args)
-    rows = Dataset.from_list([{"input_ids": [3, 4, 5, 6], "labels": [3, 4, 5, 6]}] * 4)
-    loader = Trainer(model=model, args=args, train_dataset=rows).get_train_dataloader()
-    assert loader.num_workers == 2 and loader.persistent_workers
-    assert next(iter(loader))["input_ids"].shape == (2, 4)  # collated in a worker process
-    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
-
-
 def test_the_plan_estimates_per_gpu_memory_as_the_engine_shards_it(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     model.requires_grad_(True)

@@ -57,9 +57,7 @@ SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("method.qat", QatSettings, "Quantization-aware training (methods full and freeze; needs torchao)."),
     ("output", OutputConfig, "Where results go."),
     ("output.samples", SamplesConfig, "Generations shown at the end of training."),
-    ("speed", SpeedConfig, "Kernels and activation memory (see docs/benchmarks.md). On a GPU, batches are "
-     "also collated by data-loader worker processes (`tuneforge.train.speed.LOADER_WORKERS`) unless `train.dataloader_num_workers` is set or the data "
-     "is streamed."),
+    ("speed", SpeedConfig, "Kernels and activation memory (see docs/benchmarks.md)."),
     ("guards", GuardsConfig, "What training does when values go bad."),
     ("distributed", DistributedConfig, "Several processes, GPUs or nodes (docs/distributed.md)."),
     ("eval", EvalConfig, "Evaluation tasks run during training (`tuneforge eval` runs the same tasks on a saved model)."),

@@ -323,7 +323,7 @@ def _setup_model(
     plan = plan_speed(
         config.speed, config.train, model,
         tokens_per_micro_batch=args.per_device_train_batch_size * config.data.max_length, device=args.device,
-        sharding=(Strategy.from_config(config), Ranks.from_env().world_size), map_style_data=not config.data.streaming,
+        sharding=(Strategy.from_config(config), Ranks.from_env().world_size),
     )
     plan.apply(args)
     skip_unused_parameter_search(args, model, config.distributed, Ranks.from_env().world_size)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -79,8 +78,6 @@ class SpeedPlan:
     # Per-GPU memory estimate of the model as it trains (sharded as the run shards it); None
     # when the model's config names no transformer shape.
     estimate: MemoryEstimate | None = None
-    # Data-loader worker processes (None: as `train.dataloader_num_workers` says).
-    loader_workers: int | None = None
 
     def apply(self, args: Any) -> None:
         """Set the TrainingArguments fields this plan decides."""
@@ -96,12 +93,6 @@ class SpeedPlan:
             if hasattr(args, f"{prefix}_checkpointing"):
                 setattr(args, f"{prefix}_checkpointing", recompute)
                 setattr(args, f"{prefix}_checkpointing_kwargs", kwargs)
-        if self.loader_workers:
-            args.dataloader_num_workers = self.loader_workers
-            args.dataloader_persistent_workers = True  # forked once, not again each epoch and evaluation
-            # The workers only collate (tokenization is done): without this, each fork prints
-            # the tokenizers library's warning about its thread pool.
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     def layer_checkpointing(self, args: Any, engine: str) -> LayerCheckpointing | None:
         """The callback that runs the recomputed layers as planned (None when nothing is recomputed)."""
@@ -117,8 +108,7 @@ class SpeedPlan:
             "offload": "recomputed, layer inputs offloaded to CPU memory",
         }[self.activations]
         estimate = f", about {self.estimate_gib:.1f} GiB estimated" if self.estimate_gib is not None else ""
-        workers = f"; batches collated by {self.loader_workers} data-loader workers" if self.loader_workers else ""
-        return f"Liger kernels {self.liger_reason}; activations {where} ({self.reason}{estimate}){workers}"
+        return f"Liger kernels {self.liger_reason}; activations {where} ({self.reason}{estimate})"
 
 
 def plan_activations(estimate: MemoryEstimate, budget: int) -> tuple[str, int, str, float]:
@@ -135,9 +125,6 @@ def plan_activations(estimate: MemoryEstimate, budget: int) -> tuple[str, int, s
     return "offload", 1, "only offloading fits", estimate.total(1, offload=True) / GIB
 
 
-LOADER_WORKERS = 2  # per training process: enough to stay a batch ahead of a GPU step
-
-
 def plan_speed(
     speed: SpeedConfig,
     train: Any,
@@ -146,21 +133,15 @@ def plan_speed(
     tokens_per_micro_batch: int,
     device: torch.device | str,
     sharding: tuple[Strategy, int] = (Strategy(), 1),
-    map_style_data: bool = True,
 ) -> SpeedPlan:
     """Resolve `speed` for the loaded (and method-prepared) model on `device`; `sharding` is
-    the engine and process count sharing the training state (the estimate is per GPU);
-    `map_style_data` is False for streamed data, which worker processes would each read whole."""
+    the engine and process count sharing the training state (the estimate is per GPU)."""
     cuda = torch.device(device).type == "cuda"
     model_type = getattr(getattr(model, "config", None), "model_type", "")
     liger, liger_reason = resolve_liger(speed.liger, model_type, cuda)
     explicit_checkpointing = "gradient_checkpointing" in train.model_fields_set
     user_kwargs = dict(train.gradient_checkpointing_kwargs or {}) if hasattr(train, "gradient_checkpointing_kwargs") else {}
     plan = SpeedPlan(liger, liger_reason, "keep", checkpoint_kwargs=user_kwargs)
-    if cuda and map_style_data and "dataloader_num_workers" not in train.model_fields_set:
-        # Collating a batch in the training process (padding, labels, images) leaves the GPU
-        # idle: a 4 x 2048-token batch takes about 4 ms to fetch and pad, 3% of a 1B step.
-        plan.loader_workers = LOADER_WORKERS
     try:
         plan.estimate = estimate_memory(
             model, tokens_per_micro_batch, liger=liger, compute_16bit=computes_in_16bit(model, train),
