@@ -443,3 +443,35 @@ def test_norm_outputs_are_recomputed_exactly_inside_recomputed_layers(monkeypatc
     for name, grad in ref_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-6, atol=1e-7, msg=name)
     torch.testing.assert_close(input_grad, ref_input_grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_recomputed_4bit_layers_keep_the_dense_weight_for_their_backward(four_bit_dir, monkeypatch, reentrant):
+    """Under re-entrant checkpointing a 4-bit weight is dequantized in the forward and in the
+    recomputation, which the backward follows at once and reuses: two dequantizations a linear,
+    not three. A non-re-entrant recomputation only refills the forward's saved tensors, so its
+    backward dequantizes again. Both give the gradients of the unrecomputed model."""
+    calls = []
+    original = fused_lora.dequantize_4bit
+    monkeypatch.setattr(fused_lora, "dequantize_4bit", lambda *a, **k: calls.append(1) or original(*a, **k))
+
+    def loss_and_grads(checkpointing: bool):
+        model = _qlora_model(four_bit_dir).train()
+        install_fused_lora(model)
+        install_fused_lora_mlp(model)
+        model.enable_input_require_grads()  # as checkpointing needs: every linear's input gradient is computed
+        if checkpointing:
+            model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        calls.clear()
+        loss = model(input_ids=TOKENS, labels=TOKENS).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, len(calls)
+
+    ref_loss, ref_grads, ref_calls = loss_and_grads(False)
+    loss, grads, recomputed_calls = loss_and_grads(True)
+    assert ref_calls == 2 * 2 * 7  # forward and backward, 7 linears in each of 2 layers
+    assert recomputed_calls == (ref_calls if reentrant else 3 * 2 * 7)
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+    assert grads.keys() == ref_grads.keys() and grads
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=0, atol=0, msg=name)

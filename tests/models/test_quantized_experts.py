@@ -123,7 +123,8 @@ def test_quantizing_via_cpu_memory_stores_the_same_model_without_the_16_bit_expe
     assert is_nf4_parametrized(experts, "gate_up_proj") and is_nf4_parametrized(experts, "down_proj")
     assert isinstance(model.model.layers[0].self_attn.q_proj, bitsandbytes.nn.Linear4bit)
     assert {p.device.type for p in model.parameters()} == {device.type}
-    assert model.hf_device_map == {"": device.index if device.type == "cuda" else "cpu"}
+    # The GPU's index (the "cuda" asked for here is the current one), as accelerate names devices.
+    assert model.hf_device_map == {"": torch.cuda.current_device() if device.type == "cuda" else "cpu"}
     tokens = torch.randint(0, 640, (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
         via_cpu_logits = model(input_ids=tokens).logits

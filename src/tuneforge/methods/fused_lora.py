@@ -29,7 +29,9 @@ step is partly bound by host work (Python launching small kernels), and on a 4-b
 bitsandbytes' own autograd function through several Python layers, clones its output and adds
 the adapter in a second autograd node, which left the GPU idle for a third of an 8B QLoRA step
 (docs/benchmarks.md). A 4-bit weight is dequantized with bitsandbytes' kernel in the forward and
-again in the backward (never kept).
+again in the backward, except in a re-entrant checkpoint's recomputation: its backward follows at
+once, so the recomputed dense weight is kept for it (one layer's weights at a time) instead of
+being dequantized a third time.
 """
 
 from __future__ import annotations
@@ -104,6 +106,27 @@ def _frozen_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return base.weight.to(dtype)
 
 
+def _reentrant_recomputation() -> bool:
+    """Whether this forward is a re-entrant checkpoint's recomputation (what tuneforge uses where
+    it is exact, `train/speed.py`): the backward of the graph it builds runs next. A non-re-entrant
+    recomputation only refills the first forward's saved tensors, so what its `ctx` kept would go
+    unused. Not traced under `torch.compile`."""
+    if torch.compiler.is_compiling():
+        return False
+    node = torch._C._current_autograd_node()  # the backward node running now, if any
+    return node is not None and type(node).__name__ == "CheckpointFunctionBackward"
+
+
+def _weight_for_backward(ctx: Any, weight: torch.Tensor) -> None:
+    """Keep a recomputed dense weight on `ctx` for the backward that follows (`_backward_weight`)."""
+    ctx.weight = weight if ctx.needs_input_grad[0] and _reentrant_recomputation() else None
+
+
+def _backward_weight(ctx: Any, dtype: torch.dtype) -> torch.Tensor:
+    weight, ctx.weight = ctx.weight, None  # freed as soon as the input's gradient has it
+    return weight if weight is not None else _frozen_weight(ctx.base, dtype)
+
+
 _NORM_SOURCE = "_tuneforge_norm_source"
 
 
@@ -161,7 +184,7 @@ def install_norm_recompute(model: torch.nn.Module) -> int:
 
 class _FrozenLinearLora(torch.autograd.Function):
     """`x @ W.T + bias + scaling * (x @ A.T) @ B.T` for a frozen linear `base`; a 4-bit W is
-    dequantized for the forward and again for the input's gradient, never kept."""
+    dequantized for the forward and again for the input's gradient, kept only when recomputed."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, base: torch.nn.Module, bias: torch.Tensor | None,
@@ -174,7 +197,9 @@ class _FrozenLinearLora(torch.autograd.Function):
             flat = x.reshape(-1, x.shape[-1])
             a, b = weight_a.to(dtype), weight_b.to(dtype)
             # Not a view of a 2-D result: models such as Falcon add into a linear's output in place.
-            out = torch.nn.functional.linear(x, _frozen_weight(base, dtype), None if bias is None else bias.to(dtype))
+            weight = _frozen_weight(base, dtype)
+            out = torch.nn.functional.linear(x, weight, None if bias is None else bias.to(dtype))
+            _weight_for_backward(ctx, weight)
             x_a = flat @ a.t()
             out.view(-1, out.shape[-1]).addmm_(x_a, b.t(), alpha=scaling)
         ctx.shape = x.shape
@@ -200,7 +225,7 @@ class _FrozenLinearLora(torch.autograd.Function):
             g_xa = (g @ b).mul_(ctx.scaling)  # tokens x r
             grad_x = None
             if need_x:
-                grad_x = (g @ _frozen_weight(ctx.base, a.dtype)).addmm_(g_xa, a).view(ctx.shape).to(ctx.dtypes[0])
+                grad_x = (g @ _backward_weight(ctx, a.dtype)).addmm_(g_xa, a).view(ctx.shape).to(ctx.dtypes[0])
             grad_a = (g_xa.t() @ flat).to(ctx.dtypes[1]) if need_a else None
             grad_b = (g.t() @ x_a).mul_(ctx.scaling).to(ctx.dtypes[2]) if need_b else None
             grad_bias = g.sum(0).to(ctx.dtypes[3]) if need_bias else None
@@ -283,8 +308,8 @@ def _liger_swiglu() -> tuple[Any, Any] | None:
 
 class _SwiGLUDownLora(torch.autograd.Function):
     """`down(silu(gate) * up) + scaling * (silu(gate) * up) @ A.T @ B.T` for a frozen down
-    projection `base` (16-bit, or 4-bit: dequantized in each pass), saving `gate` and `up` (not
-    their product) for the backward pass."""
+    projection `base` (16-bit, or 4-bit: dequantized as in `_FrozenLinearLora`), saving `gate`
+    and `up` (not their product) for the backward pass."""
 
     @staticmethod
     def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor, base: torch.nn.Module,
@@ -299,7 +324,9 @@ class _SwiGLUDownLora(torch.autograd.Function):
             flat = product.reshape(-1, product.shape[-1])
             x_a = flat @ a.t()
             bias = None if base.bias is None else base.bias.to(dtype)
-            out = torch.nn.functional.linear(product, _frozen_weight(base, dtype), bias)  # not a view (see above)
+            weight = _frozen_weight(base, dtype)
+            out = torch.nn.functional.linear(product, weight, bias)  # not a view (see above)
+            _weight_for_backward(ctx, weight)
             out.view(-1, out.shape[-1]).addmm_(x_a, b.t(), alpha=scaling)
         ctx.save_for_backward(gate, up, x_a, a, b)
         return out
@@ -309,7 +336,7 @@ class _SwiGLUDownLora(torch.autograd.Function):
         gate, up, x_a, a, b = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1]).to(a.dtype)
         g_xa = (g @ b).mul_(ctx.scaling)  # tokens x r
-        grad_product = (g @ _frozen_weight(ctx.base, a.dtype)).addmm_(g_xa, a)
+        grad_product = (g @ _backward_weight(ctx, a.dtype)).addmm_(g_xa, a)
         product = _swiglu(gate, up).reshape(-1, gate.shape[-1])  # recomputed: not kept from the forward
         grad_a = (g_xa.t() @ product).to(ctx.dtypes[0])
         grad_b = (g.t() @ x_a).mul_(ctx.scaling).to(ctx.dtypes[1])

@@ -247,6 +247,9 @@ class MemoryEstimate:
     forward_gradients: int  # gradients already held during the forward pass (accumulation, Liger's head)
     layers: int
     comm_buffers: int = 0  # ZeRO-1's gradient buckets, the gathered layer of FSDP and ZeRO-3
+    # A 4-bit layer's linear weights in 16 bits, which its recomputation keeps for its backward
+    # (`methods/fused_lora.py`).
+    recomputed_weights: int = 0
     runtime: int = RUNTIME_BYTES
 
     def recomputed_layers(self, recompute_every: int) -> int:
@@ -261,7 +264,7 @@ class MemoryEstimate:
         # A recomputed layer's activations exist again, one layer at a time, during its backward.
         # When the last layer is kept, the layers freed before the first recomputation make room.
         last_recomputed = recompute_every and (self.layers - 1) % recompute_every == 0
-        transient = self.per_layer if last_recomputed else 0
+        transient = self.per_layer + self.recomputed_weights if last_recomputed else 0
         return kept + inputs + transient + self.output_layer
 
     def total(self, recompute_every: int = 0, offload: bool = False) -> int:
@@ -464,13 +467,18 @@ def estimate_memory(
     # A layer before which nothing trains passes no gradient back and saves nothing.
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     flowing = embeddings is not None and any(p.requires_grad for p in embeddings.parameters())
-    per_layer = []
+    per_layer, dense_weights = [], []
     for layer in _decoder_layers(model, shape.layers):
         flowing = flowing or any(p.requires_grad for p in layer.parameters())
         saved = _saved_per_token(shape, layer, liger, quantization != "none", compute_16bit, compiled) * tokens * element if flowing else 0
         # NF4 experts are dequantized while their layer computes, and the expert matmuls keep
         # the 16-bit weights for the backward pass.
         per_layer.append(saved + (expert_bytes(layer) if quantization == "4bit" and flowing else 0))
+        if quantization == "4bit" and flowing:
+            dense_weights.append(2 * sum(
+                module.weight.numel() * (2 if module.weight.dtype == torch.uint8 else 1)  # packed: two values a byte
+                for name, module in layer.named_modules() if _is_quantized_weight(model, module, name)
+            ))
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_trains = head is not None and head.weight.requires_grad
@@ -493,6 +501,7 @@ def estimate_memory(
         output_layer=output_layer,
         forward_gradients=gradients if gradient_accumulation > 1 else head_gradient,
         layers=shape.layers,
+        recomputed_weights=max(dense_weights, default=0),
     )
 
 
