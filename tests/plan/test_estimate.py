@@ -142,6 +142,8 @@ MEASURED = [
     ("llama-8b", True, 4096, "none", 3, False, True, 31.5),
     ("llama-8b", True, 4096, "none", 1, True, True, 16.9),
     ("llama-8b", True, 4096, "4bit", 0, False, True, 25.2),
+    ("llama-8b", True, 4096, "4bit", 1, False, True, 7.9),
+    ("llama-8b", True, 4096, "4bit", 1, True, True, 7.1),
     ("llama-1b", False, 8192, "none", 0, False, True, 18.2),
     ("llama-8b", True, 4096, "none", 1, False, False, 22.4),  # plain HF Trainer, checkpointing
     ("llama-1b", False, 8192, "none", 0, False, False, 33.4),  # plain HF Trainer
