@@ -221,8 +221,10 @@ only, and transformers stores Mixtral's and Qwen-MoE's routed experts as fused 3
 (most of such a model's weights). With `model.quantization: 4bit` tuneforge stores them as
 bitsandbytes NF4 itself (`tuneforge/models/quantized_experts.py`), dequantizes one layer's
 experts at a time while it computes, and keeps them frozen: LoRA adapts attention and the
-router. Loading still holds the experts in 16 bits on the GPU before they are stored (90 GB for
-Mixtral-8x7B). With `8bit` they stay in 16 bits; `tuneforge plan` counts them either way.
+router. Loading holds the experts in 16 bits on the GPU before they are stored (90 GB for
+Mixtral-8x7B) unless `model.quantize_via_cpu: true`, which stores them one tensor at a time from
+CPU memory: Mixtral-8x7B's QLoRA then loads and trains in under 30 GiB of one GPU (measured on an
+H200, docs/guide.md). With `8bit` they stay in 16 bits; `tuneforge plan` counts them either way.
 
 **Checkpoints that ship their own code** (`auto_map` in `config.json`) need
 `model.trust_remote_code: true`; `transformers` then runs that code, not its own
