@@ -118,8 +118,10 @@ def _reentrant_recomputation() -> bool:
 
 
 def _weight_for_backward(ctx: Any, weight: torch.Tensor) -> None:
-    """Keep a recomputed dense weight on `ctx` for the backward that follows (`_backward_weight`)."""
-    ctx.weight = weight if ctx.needs_input_grad[0] and _reentrant_recomputation() else None
+    """Keep a recomputed 4-bit base's dense weight on `ctx` for the backward that follows
+    (`_backward_weight`); a 16-bit base's backward reads its weight as it is."""
+    keep = _is_4bit(ctx.base) and ctx.needs_input_grad[0] and _reentrant_recomputation()
+    ctx.weight = weight if keep else None
 
 
 def _backward_weight(ctx: Any, dtype: torch.dtype) -> torch.Tensor:
