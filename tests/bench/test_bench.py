@@ -127,6 +127,34 @@ def test_the_profile_says_how_long_the_gpu_waits_for_the_host():
     assert "without work" not in format_profile(seconds)
 
 
+def test_the_gpu_wait_is_measured_on_the_compute_stream_not_hidden_by_side_streams():
+    """Offloading copies on its own stream and NCCL on another: their work overlaps the compute
+    stream's gaps, so the idle time is the step less the compute stream's own busy time."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    from tuneforge.bench.profile import compute_stream_seconds, format_profile
+
+    def kernel(name: str, stream: int, start_us: float, end_us: float, device: DeviceType = DeviceType.CUDA):
+        return FunctionEvent(id=0, name=name, thread=0, start_us=start_us, end_us=end_us,
+                             device_type=device, device_index=0, device_resource_id=stream)
+
+    events = [
+        kernel("ampere_bf16_gemm", 7, 0, 200_000),
+        kernel("elementwise_kernel", 7, 250_000, 300_000),
+        kernel("Memcpy DtoH (Device -> Pinned)", 20, 200_000, 250_000),  # fills the compute stream's gap
+        kernel("ncclDevKernel_AllReduce", 30, 0, 290_000),  # more device time than the compute stream
+        kernel("aten::mm", 7, 0, 400_000, device=DeviceType.CPU),  # the host operator, not device work
+    ]
+    assert compute_stream_seconds(events) == pytest.approx(0.25)
+    assert compute_stream_seconds([events[-1]]) is None
+    seconds = {"matmul": 0.20, "host-device copies": 0.05, "elementwise and other": 0.05}
+    # Counting every class as compute work, the copies would hide 50 ms of the wait.
+    assert "GPU without work      50.0 ms" in format_profile(seconds, 0.35)
+    shown = format_profile(seconds, 0.35, compute_seconds=0.25)
+    assert "GPU without work     100.0 ms of the unprofiled median step's 350.0 ms; the compute stream was busy 250.0 ms" in shown
+
+
 def test_a_two_process_case_counts_every_rank_and_reports_scaling(shared_dir, tmp_path):
     results = run_bench(BenchOptions(
         cases=["tiny-full", "tiny-full-ddp2"], systems=["tuneforge", "hf", "unsloth"],

@@ -66,6 +66,7 @@ class StepProfiler(TrainerCallback):
         self._last_step_end = 0.0
         self.data_wait_seconds = 0.0
         self.top_other: list[tuple[str, float]] = []  # the unclassified kernels that cost most
+        self.compute_seconds: float | None = None  # the compute stream's busy time (GPU)
         # The profiled step and the profiler's own work after it (seconds on a long trace):
         # left out of the run's timings (`StepTimer.result`).
         self.seconds_spent = 0.0
@@ -106,6 +107,7 @@ class StepProfiler(TrainerCallback):
                 self.top_other.append((event.key[:100], spent_us / 1e6))
         totals["data wait (host)"] = self.data_wait_seconds
         self.seconds_by_class = dict(sorted(totals.items(), key=lambda item: -item[1]))
+        self.compute_seconds = compute_stream_seconds(self._profiler.events()) if on_gpu else None
         self.top_other = sorted(self.top_other, key=lambda item: -item[1])[:8]
         self._profiler = None
         self.seconds_spent = time.perf_counter() - self._began
@@ -116,25 +118,48 @@ class StepProfiler(TrainerCallback):
 NOT_COMPUTE = ("communication", "data wait (host)")
 
 
-def host_bound_seconds(seconds_by_class: dict[str, float], step_seconds: float) -> float:
+def compute_stream_seconds(events: Any) -> float | None:
+    """Device time of the stream that ran the most non-communication work (the compute stream),
+    from a profile's events; None without device events. Kernels of one stream run one after
+    another, so their durations add up to its busy time. Side streams (offloading's copies,
+    NCCL) overlap it, so counting their work as busy would hide the compute stream's gaps."""
+    busy: dict[tuple[int, int], float] = {}
+    for event in events:
+        if event.device_type == torch.autograd.DeviceType.CPU or getattr(event, "is_user_annotation", False):
+            continue
+        if classify(event.name) == "communication":
+            continue
+        stream = (event.device_index, event.device_resource_id)
+        busy[stream] = busy.get(stream, 0.0) + (event.time_range.end - event.time_range.start) / 1e6
+    return max(busy.values()) if busy else None
+
+
+def host_bound_seconds(
+    seconds_by_class: dict[str, float], step_seconds: float, compute_seconds: float | None = None
+) -> float:
     """How long the GPU's compute stream has nothing to run in a step of `step_seconds`
     (measured without the profiler, whose own per-operator cost would inflate it): the step's
-    time less the compute kernels' time. Large when the host cannot launch kernels as fast as
-    the GPU runs them (many small operators, synchronising copies)."""
-    busy = sum(seconds for name, seconds in seconds_by_class.items() if name not in NOT_COMPUTE)
-    return max(step_seconds - busy, 0.0)
+    time less the compute stream's busy time (`compute_stream_seconds`; without it, the time of
+    every class but communication). Large when the host cannot launch kernels as fast as the GPU
+    runs them (many small operators, synchronising copies)."""
+    if compute_seconds is None:
+        compute_seconds = sum(seconds for name, seconds in seconds_by_class.items() if name not in NOT_COMPUTE)
+    return max(step_seconds - compute_seconds, 0.0)
 
 
-def format_profile(seconds_by_class: dict[str, float], step_seconds: float | None = None) -> str:
+def format_profile(
+    seconds_by_class: dict[str, float], step_seconds: float | None = None, compute_seconds: float | None = None
+) -> str:
     total = sum(seconds_by_class.values()) or 1.0
     lines = [
         f"    {name:<24} {seconds * 1000:9.1f} ms  {100 * seconds / total:5.1f}%"
         for name, seconds in seconds_by_class.items()
     ]
     if step_seconds:
-        idle = host_bound_seconds(seconds_by_class, step_seconds)
+        idle = host_bound_seconds(seconds_by_class, step_seconds, compute_seconds)
+        where = f"; the compute stream was busy {compute_seconds * 1000:.1f} ms" if compute_seconds is not None else ""
         lines.append(
-            f"    GPU without work {idle * 1000:9.1f} ms of the unprofiled median step's {step_seconds * 1000:.1f} ms"
+            f"    GPU without work {idle * 1000:9.1f} ms of the unprofiled median step's {step_seconds * 1000:.1f} ms{where}"
         )
     return "\n".join(lines)
 

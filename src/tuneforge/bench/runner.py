@@ -260,7 +260,8 @@ def run_bench(options: BenchOptions) -> list[dict[str, Any]]:
     print(f"\ndevice: {device}; torch {torch.__version__}; transformers {transformers.__version__}")
     for row in results:
         if row.get("profile_seconds"):
-            print(f"  profile of one {row['case']} step ({row['system']}):\n{format_profile(row['profile_seconds'], row.get('step_seconds_median'))}")
+            profile = format_profile(row["profile_seconds"], row.get("step_seconds_median"), row.get("profile_compute_seconds"))
+            print(f"  profile of one {row['case']} step ({row['system']}):\n{profile}")
             for name, seconds in row.get("profile_top_other", []):
                 print(f"      other: {seconds * 1000:8.1f} ms  {name}")
     print(format_table(results), flush=True)

@@ -235,6 +235,7 @@ def main(argv: list[str]) -> int:
     if len(callbacks) > 1:
         result["profile_seconds"] = callbacks[1].seconds_by_class
         result["profile_top_other"] = callbacks[1].top_other
+        result["profile_compute_seconds"] = callbacks[1].compute_seconds
     write_result(result_path, result)
     return 0
 
