@@ -372,21 +372,36 @@ def test_compiled_4bit_layers_hold_the_fused_adapter_and_dequantization_in_one_g
         install_fused_lora_mlp(model)
         if compiled:
             assert compile_decoder_layers(model) == 2
-        with torch.autocast(device, dtype=torch.bfloat16):
+        parameters = {p.data_ptr() for p in model.parameters()}
+        saved_shapes = []
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            if tensor.data_ptr() not in parameters:
+                saved_shapes.append(tuple(tensor.shape))
+            return tensor
+
+        with torch.autocast(device, dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = model(input_ids=tokens, labels=tokens).loss
         loss.backward()
-        return loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+        grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach().float(), grads, saved_shapes
 
-    eager_loss, eager_grads = loss_and_grads(False)
+    eager_loss, eager_grads, eager_saved = loss_and_grads(False)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    compiled_loss, compiled_grads = loss_and_grads(True)
+    compiled_loss, compiled_grads, compiled_saved = loss_and_grads(True)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=2e-3, atol=0)
     assert eager_grads.keys() == compiled_grads.keys() and eager_grads
     for name, grad in eager_grads.items():
         assert torch.nn.functional.cosine_similarity(compiled_grads[name].flatten(), grad.flatten(), dim=0) > 0.99, name
+    # The compiled graph dequantizes each weight once for its forward and backward and keeps the
+    # result (what the planner counts, `estimate_memory(compiled=True)`); eager keeps none.
+    weights = [(64, 64), (32, 64), (32, 64), (64, 64), (160, 64), (160, 64), (64, 160)]  # q k v o gate up down
+    assert not any(shape in weights for shape in eager_saved)
+    # The first layer's q, k and v pass no gradient back to the frozen embeddings: not kept.
+    assert sorted(shape for shape in compiled_saved if shape in weights) == sorted(weights + weights[3:])
 
 
 def test_adapters_reading_a_norm_keep_its_input_and_recompute_its_output_once(monkeypatch):

@@ -158,6 +158,24 @@ def test_predicted_peaks_are_within_15_percent_of_the_h200_measurements():
         assert predicted == pytest.approx(measured, rel=0.15), (shape, lora, quantization, every, offload, liger)
 
 
+def test_qlora_peaks_with_tuneforge_s_fused_adapters_are_within_15_percent_of_the_h200_measurements():
+    """tuneforge's QLoRA path (`methods/fused_lora.py`) on the 8B shape, micro-batch 2 x 2048, every
+    activation kept (docs/benchmarks.md, 2026-11-30): 19.8 GiB eager; 39.0 compiled, whose graphs
+    keep each layer's dequantized weights for the backward (32 x 0.41 GiB)."""
+    from tuneforge.methods.fused_lora import install_fused_lora, install_fused_lora_mlp
+
+    model = _meta("llama-8b", lora=True)
+    install_fused_lora(model)
+    install_fused_lora_mlp(model)
+    for compiled, measured in [(False, 19.8), (True, 39.0)]:
+        estimate = estimate_memory(model, 4096, liger=True, quantization="4bit", compiled=compiled)
+        assert estimate.total(0) / GIB == pytest.approx(measured, rel=0.15), compiled
+    eager = estimate_memory(model, 4096, liger=True, quantization="4bit")
+    compiled = estimate_memory(model, 4096, liger=True, quantization="4bit", compiled=True)
+    assert compiled.recomputed_weights == 0 and eager.recomputed_weights > 0.4 * GIB
+    assert compiled.per_layer - eager.per_layer >= eager.recomputed_weights
+
+
 def test_fsdp_with_mixed_precision_is_planned_with_fp32_master_weights_as_measured_on_two_h200s():
     """accelerate's FSDP2 under bf16 mixed precision upcasts the trainable weights to fp32, and
     their gradients and Adam moments follow. Full fine-tuning of the 8B shape, micro-batch 2 x

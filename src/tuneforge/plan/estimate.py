@@ -247,8 +247,8 @@ class MemoryEstimate:
     forward_gradients: int  # gradients already held during the forward pass (accumulation, Liger's head)
     layers: int
     comm_buffers: int = 0  # ZeRO-1's gradient buckets, the gathered layer of FSDP and ZeRO-3
-    # A 4-bit layer's linear weights in 16 bits, which its recomputation keeps for its backward
-    # (`methods/fused_lora.py`).
+    # A 4-bit layer's linear weights in 16 bits, which its eager recomputation keeps for its
+    # backward (`methods/fused_lora.py`; a compiled layer counts them in `per_layer`).
     recomputed_weights: int = 0
     runtime: int = RUNTIME_BYTES
 
@@ -444,7 +444,8 @@ def estimate_memory(
         gradient_accumulation: above 1, the gradients stay allocated through the forward passes.
         fp32_master: the engine holds the trainable parameters in fp32 (`Strategy.fp32_master`).
         master_copy: the engine keeps an fp32 copy of them as optimizer state (`Strategy.master_copy`).
-        compiled: the decoder layers are compiled (`speed.compile`): norm outputs are kept.
+        compiled: the decoder layers are compiled (`speed.compile`): norm outputs are kept, and
+            so are a 4-bit layer's dequantized weights.
     """
     shape = ModelShape.from_config(getattr(model, "config", None))
     if quantization is None:
@@ -473,12 +474,15 @@ def estimate_memory(
         saved = _saved_per_token(shape, layer, liger, quantization != "none", compute_16bit, compiled) * tokens * element if flowing else 0
         # NF4 experts are dequantized while their layer computes, and the expert matmuls keep
         # the 16-bit weights for the backward pass.
-        per_layer.append(saved + (expert_bytes(layer) if quantization == "4bit" and flowing else 0))
-        if quantization == "4bit" and flowing:
-            dense_weights.append(2 * sum(
-                module.weight.numel() * (2 if module.weight.dtype == torch.uint8 else 1)  # packed: two values a byte
-                for name, module in layer.named_modules() if _is_quantized_weight(model, module, name)
-            ))
+        experts = expert_bytes(layer) if quantization == "4bit" and flowing else 0
+        dense = 2 * sum(  # the layer's 4-bit linear weights in 16 bits
+            module.weight.numel() * (2 if module.weight.dtype == torch.uint8 else 1)  # packed: two values a byte
+            for name, module in layer.named_modules() if _is_quantized_weight(model, module, name)
+        ) if quantization == "4bit" and flowing else 0
+        # A compiled layer's graph dequantizes each weight once for its forward and backward (one
+        # call, merged), so it keeps them all; eager, only a recomputed layer keeps them, briefly.
+        per_layer.append(saved + experts + (dense if compiled else 0))
+        dense_weights.append(0 if compiled else dense)
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_trains = head is not None and head.weight.requires_grad
