@@ -634,7 +634,9 @@ class SpeedConfig(Section):
         description="torch.compile each decoder layer, so inductor fuses the elementwise work between "
         "its matmuls (residual adds, casts, activation functions); recomputation stays around the "
         "compiled layer. The first steps are slower while it compiles. One GPU or DDP: under FSDP "
-        "or DeepSpeed the engine's hooks run inside each layer's call.",
+        "or DeepSpeed the engine's hooks run inside each layer's call. On a 4-bit model each compiled "
+        "layer keeps its dequantized weights for the backward pass (0.4 GiB a layer on an 8B model; "
+        "the memory plan counts them).",
     )
 
 
