@@ -4,6 +4,7 @@ activations against memory measured on a CPU, and peaks against ones measured on
 from __future__ import annotations
 
 import dataclasses
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -78,8 +79,9 @@ def test_qlora_weights_are_nf4_for_the_layers_and_bf16_for_embeddings_head_and_n
     assert sum(p.numel() for p in model.parameters()) == linear + rest + adapters
     estimate = estimate_memory(model, tokens=64, liger=True, quantization="4bit")
     assert estimate.gradients == 4 * adapters and estimate.optimizer == 8 * adapters
-    # A recomputed layer keeps its linears' weights in bf16 for its backward: the two layers' alike.
-    assert estimate.recomputed_weights == 2 * linear // 2
+    # A recomputed layer keeps its linears' weights in bf16 for its backward: one of the two
+    # alike layers' values (half of `linear`), 2 bytes each.
+    assert estimate.recomputed_weights == linear // 2 * 2
     without = dataclasses.replace(estimate, recomputed_weights=0)
     assert estimate.total(1) - without.total(1) == estimate.recomputed_weights
     assert estimate.total(0) == without.total(0)  # nothing recomputed
