@@ -624,8 +624,8 @@ class SpeedConfig(Section):
         "peft's own forward copies each adapted layer's input to the adapters' fp32 and back, and "
         "scales and adds in separate passes. A layer with one such adapter (no dropout) over a frozen 16-bit "
         "or 4-bit linear runs the base matmul and the adapter as one autograd function (a 4-bit weight "
-        "dequantized in each pass, except that a recomputed layer's backward reuses its recomputation's). A SwiGLU MLP with such an adapter on its down projection "
-        "keeps its gate and up projections but not their product, which it recomputes in the backward "
+        "dequantized in each pass, except that a recomputed layer's backward reuses its recomputation's). "
+        "A SwiGLU MLP with such an adapter on its down projection keeps its gate and up projections but not their product, which it recomputes in the backward "
         "pass (one elementwise pass; 3.5 GiB less on an 8B model at 4096 tokens a step). Same adapter "
         "files either way. false: peft's forward.",
     )
