@@ -211,6 +211,44 @@ def test_compiled_decoder_layers_give_the_eager_loss_and_gradients(tiny_model_di
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_compiled_layers_leave_out_the_liger_kernels_that_would_split_their_graphs():
+    """Liger's rope and SwiGLU run outside any compiled graph (its dispatcher is compiler-disabled):
+    with `speed.compile` the plan asks the Trainer's Liger patch to leave them to inductor."""
+    args = TrainingArguments(output_dir="unused", report_to=[], liger_kernel_config={"rms_norm": True})
+    SpeedPlan(True, "on", "keep", compiled=True).apply(args)
+    assert args.use_liger_kernel
+    assert args.liger_kernel_config == {"rms_norm": True, "rope": False, "swiglu": False}
+    assert "(not rope or swiglu: compiled layers fuse them)" in SpeedPlan(True, "on", "keep", compiled=True).describe()
+    eager = TrainingArguments(output_dir="unused", report_to=[])
+    SpeedPlan(True, "on", "keep").apply(eager)
+    assert eager.use_liger_kernel and eager.liger_kernel_config is None  # every kernel
+    SpeedPlan(False, "off", "keep", compiled=True).apply(eager)
+    assert not eager.use_liger_kernel and eager.liger_kernel_config is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's kernels are Triton GPU kernels: needs a CUDA device")
+def test_compiled_layers_with_the_planned_liger_kernels_hold_one_graph_each(tiny_model_dir):
+    pytest.importorskip("liger_kernel")
+    import torch._dynamo
+    from transformers.integrations.liger import apply_liger_kernel
+
+    def compiled_step(kernel_config):
+        args = TrainingArguments(output_dir="unused", report_to=[], liger_kernel_config=kernel_config)
+        SpeedPlan(True, "on", "keep", compiled=kernel_config is None).apply(args)
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).cuda().train()
+        apply_liger_kernel(model, args.liger_kernel_config)
+        speed.compile_decoder_layers(model)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        ids = torch.arange(3, 51, device="cuda").view(2, 24) % model.config.vocab_size
+        model(input_ids=ids, labels=ids).loss.backward()
+        return dict(torch._dynamo.utils.counters["graph_break"])
+
+    assert compiled_step(None) == {}
+    assert compiled_step({}), "Liger's rope no longer splits a compiled layer: GRAPH_BREAKING_LIGER_KERNELS can shrink"
+
+
 def test_compile_is_refused_where_a_sharding_engine_hooks_into_each_layer(tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match="speed.compile.*'fsdp'.*use it with ddp"):
         train(recipe_config(tmp_path, tiny_model_dir, max_steps=1), overrides=["speed.compile=true", "distributed.strategy=fsdp"])

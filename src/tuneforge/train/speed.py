@@ -66,11 +66,18 @@ def resolve_liger(setting: bool | str, model_type: str, cuda: bool) -> tuple[boo
     return False, f"off ({missing})"
 
 
+# Liger routes these through its `dispatch`, which `torch.compiler.disable` keeps out of any
+# compiled graph: each call splits a compiled decoder layer in two, and inductor fuses the same
+# elementwise work itself. Norms and the fused linear cross-entropy are unaffected.
+GRAPH_BREAKING_LIGER_KERNELS = ("rope", "swiglu")
+
+
 @dataclass
 class SpeedPlan:
     liger: bool
     liger_reason: str
     activations: str  # keep | recompute | offload
+    compiled: bool = False  # speed.compile: the decoder layers are compiled
     recompute_every: int = 1
     reason: str = ""
     estimate_gib: float | None = None
@@ -82,6 +89,8 @@ class SpeedPlan:
     def apply(self, args: Any) -> None:
         """Set the TrainingArguments fields this plan decides."""
         args.use_liger_kernel = self.liger
+        if self.liger and self.compiled:
+            args.liger_kernel_config = {**(args.liger_kernel_config or {}), **dict.fromkeys(GRAPH_BREAKING_LIGER_KERNELS, False)}
         recompute = self.activations != "keep"
         kwargs = None
         if recompute:
@@ -108,7 +117,10 @@ class SpeedPlan:
             "offload": "recomputed, layer inputs offloaded to CPU memory",
         }[self.activations]
         estimate = f", about {self.estimate_gib:.1f} GiB estimated" if self.estimate_gib is not None else ""
-        return f"Liger kernels {self.liger_reason}; activations {where} ({self.reason}{estimate})"
+        liger = self.liger_reason
+        if self.liger and self.compiled:
+            liger += f" (not {' or '.join(GRAPH_BREAKING_LIGER_KERNELS)}: compiled layers fuse them)"
+        return f"Liger kernels {liger}; activations {where} ({self.reason}{estimate})"
 
 
 def plan_activations(estimate: MemoryEstimate, budget: int) -> tuple[str, int, str, float]:
@@ -141,7 +153,7 @@ def plan_speed(
     liger, liger_reason = resolve_liger(speed.liger, model_type, cuda)
     explicit_checkpointing = "gradient_checkpointing" in train.model_fields_set
     user_kwargs = dict(train.gradient_checkpointing_kwargs or {}) if hasattr(train, "gradient_checkpointing_kwargs") else {}
-    plan = SpeedPlan(liger, liger_reason, "keep", checkpoint_kwargs=user_kwargs)
+    plan = SpeedPlan(liger, liger_reason, "keep", compiled=speed.compile, checkpoint_kwargs=user_kwargs)
     try:
         plan.estimate = estimate_memory(
             model, tokens_per_micro_batch, liger=liger, compute_16bit=computes_in_16bit(model, train),
@@ -357,6 +369,7 @@ def compile_decoder_layers(model: torch.nn.Module) -> int:
 
 
 __all__ = [
+    "GRAPH_BREAKING_LIGER_KERNELS",
     "FusedLoraActivations",
     "LayerCheckpointing",
     "OffloadToCpu",
