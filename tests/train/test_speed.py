@@ -25,6 +25,7 @@ from tuneforge.train.speed import (
     SpeedPlan,
     plan_activations,
     plan_speed,
+    resolve_compile,
     resolve_liger,
 )
 
@@ -162,9 +163,21 @@ def test_training_reports_the_speed_plan(tmp_path, tiny_model_dir, capsys):
     assert "activations recomputed in 1 of every 2 decoder layers (speed.activations)" in out
 
 
+@pytest.fixture
+def liger_patches_undone():
+    """Liger patches `modeling_llama`'s functions and classes, not only the model it is given: put
+    them back, so later tests in the process build plain Llama models."""
+    from transformers.models.llama import modeling_llama
+
+    saved = dict(vars(modeling_llama))
+    yield
+    for name, value in saved.items():
+        setattr(modeling_llama, name, value)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's kernels are Triton GPU kernels: needs a CUDA device")
-def test_liger_kernels_give_the_eager_loss_and_gradients(tiny_model_dir):
+def test_liger_kernels_give_the_eager_loss_and_gradients(tiny_model_dir, liger_patches_undone):
     """PITFALLS 12: each optional kernel matches the eager path on a tiny model."""
     pytest.importorskip("liger_kernel")
     from transformers.integrations.liger import apply_liger_kernel
@@ -228,7 +241,7 @@ def test_compiled_layers_leave_out_the_liger_kernels_that_would_split_their_grap
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's kernels are Triton GPU kernels: needs a CUDA device")
-def test_compiled_layers_with_the_planned_liger_kernels_hold_one_graph_each(tiny_model_dir):
+def test_compiled_layers_with_the_planned_liger_kernels_hold_one_graph_each(tiny_model_dir, liger_patches_undone):
     pytest.importorskip("liger_kernel")
     import torch._dynamo
     from transformers.integrations.liger import apply_liger_kernel
@@ -247,6 +260,46 @@ def test_compiled_layers_with_the_planned_liger_kernels_hold_one_graph_each(tiny
 
     assert compiled_step(None) == {}
     assert compiled_step({}), "Liger's rope no longer splits a compiled layer: GRAPH_BREAKING_LIGER_KERNELS can shrink"
+
+
+def test_compile_auto_is_for_4bit_models_whose_every_layer_is_recomputed_on_one_gpu_or_ddp():
+    """Where compiling was measured to pay (docs/benchmarks.md): not for kept activations, where a
+    compiled 4-bit layer keeps its dequantized weights, nor for 16-bit weights."""
+    qlora = {"four_bit": True, "activations": "offload", "recompute_every": 1, "strategy": "ddp", "triton_gpu": True}
+    assert resolve_compile("auto", **qlora)
+    assert resolve_compile("auto", **{**qlora, "activations": "recompute"})
+    for change in (
+        {"four_bit": False}, {"activations": "keep"}, {"activations": "recompute", "recompute_every": 2},
+        {"strategy": "fsdp"}, {"strategy": "zero3"}, {"triton_gpu": False},
+    ):
+        assert not resolve_compile("auto", **{**qlora, **change}), change
+    assert not resolve_compile(False, **qlora)
+    assert resolve_compile(True, **{**qlora, "four_bit": False, "activations": "keep"})
+
+
+def test_the_speed_plan_compiles_an_offloaded_4bit_model_on_a_gpu_with_triton(tiny_model_dir, monkeypatch):
+    import importlib.util
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16)
+    model.is_loaded_in_4bit = True  # what the planner reads; the estimate counts the linears as NF4
+    train_section = TrainSection(bf16=True)
+
+    find_spec = importlib.util.find_spec
+
+    def planned(device: str, triton: bool, **speed_settings) -> SpeedPlan:
+        def triton_or_not(name: str, *rest):
+            return (object() if triton else None) if name == "triton" else find_spec(name, *rest)
+
+        monkeypatch.setattr(importlib.util, "find_spec", triton_or_not)
+        return plan_speed(SpeedConfig(**speed_settings), train_section, model, tokens_per_micro_batch=64, device=device)
+
+    eager = planned("cuda", triton=True, activations="offload", compile=False)
+    compiled = planned("cuda", triton=True, activations="offload")
+    assert compiled.compiled and not eager.compiled
+    assert compiled.estimate.per_layer > eager.estimate.per_layer  # re-estimated for compiled layers
+    assert not planned("cuda", triton=False, activations="offload").compiled
+    assert not planned("cpu", triton=True, activations="offload").compiled
+    assert not planned("cuda", triton=True, activations="keep").compiled
 
 
 def test_compile_is_refused_where_a_sharding_engine_hooks_into_each_layer(tmp_path, tiny_model_dir):

@@ -629,14 +629,16 @@ class SpeedConfig(Section):
         "pass (one elementwise pass; 3.5 GiB less on an 8B model at 4096 tokens a step). Same adapter "
         "files either way. false: peft's forward.",
     )
-    compile: bool = Field(
-        False,
+    compile: bool | Literal["auto"] = Field(
+        "auto",
         description="torch.compile each decoder layer, so inductor fuses the elementwise work between "
-        "its matmuls (residual adds, casts, activation functions); recomputation stays around the "
-        "compiled layer. The first steps are slower while it compiles. One GPU or DDP: under FSDP "
-        "or DeepSpeed the engine's hooks run inside each layer's call. On a 4-bit model each compiled "
-        "layer keeps its dequantized weights for the backward pass (0.4 GiB a layer on an 8B model; "
-        "the memory plan counts them).",
+        "its matmuls (residual adds, casts, activation functions) and the GPU waits less for Python between "
+        "small kernels; recomputation stays around the compiled layer. The first steps are slower while it "
+        "compiles. One GPU or DDP: under FSDP or DeepSpeed the engine's hooks run inside each layer's call. "
+        "On a 4-bit model each compiled layer keeps its dequantized weights for the backward pass (0.4 GiB "
+        "a layer on an 8B model; the memory plan counts them). auto: on a CUDA GPU for a 4-bit model whose "
+        "every layer is recomputed (speed.activations recompute or offload), where it was measured to pay "
+        "(docs/benchmarks.md); off otherwise.",
     )
 
 
@@ -887,7 +889,7 @@ class Config(Section):
                 f"'{self.method.name}' optimises a preference or reward objective, which can sit near or below "
                 "zero, where such a ratio means nothing: set guards.spike_factor: null"
             )
-        if self.speed.compile and self.distributed.strategy != "ddp":
+        if self.speed.compile is True and self.distributed.strategy != "ddp":
             raise ValueError(
                 f"speed.compile compiles each decoder layer's call, where distributed.strategy "
                 f"'{self.distributed.strategy}' runs its own gather and release hooks: use it with ddp or one GPU"

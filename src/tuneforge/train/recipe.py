@@ -328,8 +328,9 @@ def _setup_model(
     plan.apply(args)
     skip_unused_parameter_search(args, model, config.distributed, Ranks.from_env().world_size)
     _say(plan.describe())
-    if config.speed.compile:
-        _say(f"torch.compile: {compile_decoder_layers(model)} decoder layers")
+    if plan.compiled:
+        why = "speed.compile" if config.speed.compile is True else "speed.compile auto: 4-bit weights, every layer recomputed"
+        _say(f"torch.compile: {compile_decoder_layers(model)} decoder layers ({why}; the first steps compile)")
     _say(check_before_training(plan, args.device))
     _attach_input_grads_for_checkpointing(model, args)
     _say(f"method {config.method.name}: {counts.describe()}")
@@ -483,7 +484,7 @@ def train(
             trainer.add_callback(layer_checkpointing)
         if config.speed.fused_lora:
             # A compiled layer would break its graph at the norm hook's attribute on a tensor.
-            trainer.add_callback(FusedLoraActivations(norm_outputs=not config.speed.compile))
+            trainer.add_callback(FusedLoraActivations(norm_outputs=not plan.compiled))
         trainer.checkpoint_layout = {
             **checkpoint_layout(config.distributed, ranks.world_size), "data_fingerprint": datasets.fingerprint,
         }
