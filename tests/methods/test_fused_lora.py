@@ -404,6 +404,39 @@ def test_compiled_4bit_layers_hold_the_fused_adapter_and_dequantization_in_one_g
     assert sorted(shape for shape in compiled_saved if shape in weights) == sorted(weights + weights[3:])
 
 
+def test_compiled_4bit_layers_take_packed_rows_of_new_lengths_without_a_compile_each(four_bit_dir):
+    """`speed.compile: auto` compiles recomputed QLoRA layers, and packed batches change length
+    every step: dynamo marks the length dynamic after the second one, so five lengths make two
+    graphs, none broken, each step's loss the eager one's."""
+    from tuneforge.train.speed import compile_decoder_layers
+
+    def losses(compiled: bool) -> list[torch.Tensor]:
+        model = _qlora_model(four_bit_dir).train()
+        install_fused_lora(model)
+        install_fused_lora_mlp(model)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model.enable_input_require_grads()
+        if compiled:
+            compile_decoder_layers(model)
+        found = []
+        for length in (24, 40, 56, 33, 61):
+            ids = torch.randint(0, 96, (1, length), generator=torch.Generator().manual_seed(length))
+            positions = torch.cat([torch.arange(length // 2), torch.arange(length - length // 2)])[None]  # two packed rows
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids, position_ids=positions).loss
+            loss.backward()
+            found.append(loss.detach().float())
+        return found
+
+    eager = losses(False)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = losses(True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    torch.testing.assert_close(compiled, eager, rtol=2e-3, atol=0)
+
+
 def test_adapters_reading_a_norm_keep_its_input_and_recompute_its_output_once(monkeypatch):
     """q, k and v (gate and up) read the norm's output; the norm keeps its input for its own
     backward, so keeping the output too is 2 GiB on an 8B LoRA step. In fp32 transformers'
