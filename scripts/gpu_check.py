@@ -269,7 +269,7 @@ def main() -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b")
     parser.add_argument(
         "--cases", default="lora,jcqa",
-        help="comma-separated: lora, jcqa, qlora8b, qlora-mixtral, qlora-mixtral-via-cpu, optim8bit1b, vlm8b, dpo1b; "
+        help="comma-separated: lora, jcqa, qlora-packed, qlora8b, qlora-mixtral, qlora-mixtral-via-cpu, optim8bit1b, vlm8b, dpo1b; "
         "on 2 GPUs: ddp-lora8b, fsdp-full8b, zero3-full8b, fsdp-resume1b",
     )
     args = parser.parse_args()
@@ -326,6 +326,15 @@ def main() -> int:
         padded = run_case(f"jcqa-lora-{args.shape}-padded-mb64", jcqa_base, args.work)
         packed = run_case(f"jcqa-lora-{args.shape}-packed-4x2048", jcqa_packed, args.work)
         results += [padded, packed]
+    if "qlora-packed" in cases:
+        # QLoRA with padding-free packing and every layer recomputed: `speed.compile: auto` compiles
+        # the decoder layers, and each step's packed batch has its own length (varlen attention).
+        qlora_packed = json.loads(json.dumps(jcqa_packed))
+        qlora_packed["model"] = {**lora_1b["model"], "path": str(save_random_weights(model_dir)), "quantization": "4bit"}
+        qlora_packed["model"].pop("init")
+        qlora_packed["train"].update(gradient_checkpointing=True, dataloader_num_workers=0)
+        qlora_packed["output"]["dir"] = str(args.work / "runs" / "qlora-packed")
+        results.append(run_case(f"qlora-nf4-{args.shape}-jcqa-packed-4x2048-ckpt", qlora_packed, args.work))
     if "qlora8b" in cases:
         # QLoRA (NF4, double quantization, bf16 compute) on a Llama-3.1-8B shape, micro-batch 1,
         # sequence 2048, gradient checkpointing.

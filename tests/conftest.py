@@ -90,3 +90,15 @@ def shared_dir() -> Path:
     if not (SHARED / "data").is_dir():
         pytest.skip(f"needs the shared data folder at {SHARED} (absent in a bare clone)")
     return SHARED
+
+
+@pytest.fixture
+def liger_patches_undone():
+    """Liger patches `modeling_llama`'s functions and classes, not only the model it is given: put
+    them back, so later tests in the process build plain Llama models."""
+    from transformers.models.llama import modeling_llama
+
+    saved = dict(vars(modeling_llama))
+    yield
+    for name, value in saved.items():
+        setattr(modeling_llama, name, value)

@@ -4,6 +4,7 @@ fewer saved bytes, plain-LoRA merging, and the same training run through the con
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 
 import pytest
@@ -404,14 +405,26 @@ def test_compiled_4bit_layers_hold_the_fused_adapter_and_dequantization_in_one_g
     assert sorted(shape for shape in compiled_saved if shape in weights) == sorted(weights + weights[3:])
 
 
-def test_compiled_4bit_layers_take_packed_rows_of_new_lengths_without_a_compile_each(four_bit_dir):
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
+)
+def test_compiled_4bit_layers_take_packed_rows_of_new_lengths_without_a_compile_each(four_bit_dir, device, liger_patches_undone):
     """`speed.compile: auto` compiles recomputed QLoRA layers, and packed batches change length
     every step: dynamo marks the length dynamic after the second one, so five lengths make two
-    graphs, none broken, each step's loss the eager one's."""
-    from tuneforge.train.speed import compile_decoder_layers
+    graphs, none broken, each step's loss the eager one's. On a GPU the compiled model has Liger's
+    kernels as a compiled run's plan configures them (inductor failed on Liger's RMSNorm and
+    SwiGLU there)."""
+    from tuneforge.train.speed import SpeedPlan, compile_decoder_layers
 
     def losses(compiled: bool) -> list[torch.Tensor]:
-        model = _qlora_model(four_bit_dir).train()
+        model = _qlora_model(four_bit_dir, device).train()
+        if compiled and device == "cuda" and importlib.util.find_spec("liger_kernel"):  # Liger patches globally: last
+            from transformers import TrainingArguments
+            from transformers.integrations.liger import apply_liger_kernel
+
+            args = TrainingArguments(output_dir="unused", report_to=[])
+            SpeedPlan(True, "on", "recompute", compiled=True).apply(args)
+            apply_liger_kernel(model, args.liger_kernel_config)
         install_fused_lora(model)
         install_fused_lora_mlp(model)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
@@ -420,9 +433,9 @@ def test_compiled_4bit_layers_take_packed_rows_of_new_lengths_without_a_compile_
             compile_decoder_layers(model)
         found = []
         for length in (24, 40, 56, 33, 61):
-            ids = torch.randint(0, 96, (1, length), generator=torch.Generator().manual_seed(length))
-            positions = torch.cat([torch.arange(length // 2), torch.arange(length - length // 2)])[None]  # two packed rows
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            ids = torch.randint(0, 96, (1, length), generator=torch.Generator().manual_seed(length)).to(device)
+            positions = torch.cat([torch.arange(length // 2), torch.arange(length - length // 2)])[None].to(device)  # two packed rows
+            with torch.autocast(device, dtype=torch.bfloat16):
                 loss = model(input_ids=ids, labels=ids, position_ids=positions).loss
             loss.backward()
             found.append(loss.detach().float())

@@ -280,16 +280,23 @@ def _single_fused_adapter(layer: torch.nn.Module) -> str | None:
     return name if plain else None
 
 
+def _liger_swiglu_runs(gate: torch.Tensor) -> bool:
+    """Liger's SwiGLU kernels run on a GPU in eager mode. A compiled layer gets PyTorch's
+    operators, which inductor fuses alike: Liger's backward kernel writes over its inputs, and
+    inductor (torch 2.11) failed on it when a new sequence length recompiled the layer."""
+    return gate.is_cuda and not torch.compiler.is_compiling() and _liger_swiglu() is not None
+
+
 def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up: Liger's one-pass kernel on a GPU, PyTorch's operators elsewhere."""
-    if gate.is_cuda and _liger_swiglu() is not None:
+    if _liger_swiglu_runs(gate):
         return _liger_swiglu()[0](gate, up)[2]
     return torch.nn.functional.silu(gate) * up
 
 
 def _swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of silu(gate) * up for gate and up (Liger's kernel writes them over `gate` and `up`)."""
-    if gate.is_cuda and _liger_swiglu() is not None:
+    if _liger_swiglu_runs(gate):
         return _liger_swiglu()[1](gate, up, grad)
     sig = torch.sigmoid(gate.float())
     silu = gate.float() * sig

@@ -66,10 +66,12 @@ def resolve_liger(setting: bool | str, model_type: str, cuda: bool) -> tuple[boo
     return False, f"off ({missing})"
 
 
-# Liger routes these through its `dispatch`, which `torch.compiler.disable` keeps out of any
-# compiled graph: each call splits a compiled decoder layer in two, and inductor fuses the same
-# elementwise work itself. Norms and the fused linear cross-entropy are unaffected.
-GRAPH_BREAKING_LIGER_KERNELS = ("rope", "swiglu")
+# Liger kernels a compiled decoder layer leaves to inductor, which fuses the same elementwise work:
+# Liger routes RoPE and SwiGLU through its `dispatch`, which `torch.compiler.disable` keeps out of
+# any graph (each call split a compiled layer in two), and inductor (torch 2.11) failed on its
+# RMSNorm kernels when a new sequence length recompiled the layer. The fused output layer and
+# cross-entropy, outside the layers, stay.
+LIGER_KERNELS_LEFT_TO_INDUCTOR = ("rope", "swiglu", "rms_norm")
 
 
 @dataclass
@@ -90,7 +92,7 @@ class SpeedPlan:
         """Set the TrainingArguments fields this plan decides."""
         args.use_liger_kernel = self.liger
         if self.liger and self.compiled:
-            args.liger_kernel_config = {**(args.liger_kernel_config or {}), **dict.fromkeys(GRAPH_BREAKING_LIGER_KERNELS, False)}
+            args.liger_kernel_config = {**(args.liger_kernel_config or {}), **dict.fromkeys(LIGER_KERNELS_LEFT_TO_INDUCTOR, False)}
         recompute = self.activations != "keep"
         kwargs = None
         if recompute:
@@ -119,7 +121,7 @@ class SpeedPlan:
         estimate = f", about {self.estimate_gib:.1f} GiB estimated" if self.estimate_gib is not None else ""
         liger = self.liger_reason
         if self.liger and self.compiled:
-            liger += f" (not {' or '.join(GRAPH_BREAKING_LIGER_KERNELS)}: compiled layers fuse them)"
+            liger += f" (not {', '.join(LIGER_KERNELS_LEFT_TO_INDUCTOR)}: compiled layers fuse them)"
         return f"Liger kernels {liger}; activations {where} ({self.reason}{estimate})"
 
 
@@ -396,8 +398,8 @@ def compile_decoder_layers(model: torch.nn.Module) -> int:
 
 
 __all__ = [
-    "GRAPH_BREAKING_LIGER_KERNELS",
     "FusedLoraActivations",
+    "LIGER_KERNELS_LEFT_TO_INDUCTOR",
     "LayerCheckpointing",
     "OffloadToCpu",
     "SpeedPlan",
