@@ -188,3 +188,11 @@ def test_a_profiled_step_and_the_profilers_own_work_count_in_no_figure():
     assert left_out["tokens_per_s_run"] == pytest.approx(300 / 2.5)
     assert left_out["tokens_per_s_median"] == pytest.approx(200)
     assert left_out["tokens"] == 400  # every step's tokens were trained
+    # The rest of the run: 0.5 s outside the steps; 1 s in the warm-up step.
+    assert left_out["seconds_outside_steps"] == pytest.approx(0.5)
+    assert plain["seconds_outside_steps"] == pytest.approx(2.0)  # the profiler's 1.5 s counted there
+    assert plain["warmup_step_seconds"] == pytest.approx(1.0)
+    from tuneforge.bench.runner import format_whole_run
+
+    line = format_whole_run({"case": "varlen8b", "system": "tuneforge", **left_out})
+    assert line == "  whole run of varlen8b (tuneforge): 2.5 s, of which 1.0 s in the 1 warm-up steps and 0.5 s outside any step"

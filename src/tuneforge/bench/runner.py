@@ -201,6 +201,15 @@ def add_ratios(results: list[dict[str, Any]], peak_tflops: float | None) -> None
             row["mfu"] = per_gpu * flops_per_token(case) / (peak_tflops * 1e12) if per_gpu and peak_tflops else None
 
 
+def format_whole_run(row: dict[str, Any]) -> str:
+    """What a whole-run rate (the figure for variable-length data) pays beyond its median step."""
+    return (
+        f"  whole run of {row['case']} ({row['system']}): {row['run_seconds']:.1f} s, of which "
+        f"{row['warmup_step_seconds']:.1f} s in the {row['warmup_steps']} warm-up steps and "
+        f"{row['seconds_outside_steps']:.1f} s outside any step"
+    )
+
+
 def format_table(results: list[dict[str, Any]]) -> str:
     def number(value: Any, pattern: str) -> str:
         return pattern.format(value) if isinstance(value, (int, float)) else "—"
@@ -264,6 +273,8 @@ def run_bench(options: BenchOptions) -> list[dict[str, Any]]:
             print(f"  profile of one {row['case']} step ({row['system']}):\n{profile}")
             for name, seconds in row.get("profile_top_other", []):
                 print(f"      other: {seconds * 1000:8.1f} ms  {name}")
+        if CASES[row["case"]].data == "varlen" and row.get("run_seconds"):
+            print(format_whole_run(row))
     print(format_table(results), flush=True)
     return results
 

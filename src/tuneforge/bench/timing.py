@@ -72,6 +72,9 @@ class StepTimer(TrainerCallback):
         rates = [tokens / seconds for seconds, tokens in measured if seconds > 0]
         counted_tokens = sum(tokens for _, tokens in counted)
         run_seconds = self.train_seconds - skipped_seconds
+        # Where a whole-run rate loses to the median: the first steps (kernel compilation, cuBLAS
+        # and allocator warm-up) and the time outside any step (loader start, epoch boundaries).
+        warmup_seconds = [seconds for number, (seconds, _) in enumerate(self.steps, start=1) if number <= warmup and number != skipped]
         return {
             "steps": len(self.steps),
             "tokens_per_s_median": statistics.median(rates) if rates else None,
@@ -79,6 +82,10 @@ class StepTimer(TrainerCallback):
             "step_seconds_median": statistics.median(seconds for seconds, _ in measured) if measured else None,
             "tokens": sum(tokens for _, tokens in self.steps),
             "train_seconds": self.train_seconds,
+            "run_seconds": run_seconds,  # what the whole-run rate divides by
+            "warmup_steps": warmup,
+            "warmup_step_seconds": sum(warmup_seconds),
+            "seconds_outside_steps": run_seconds - sum(seconds for seconds, _ in counted),
             "peak_gib": torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else None,
             "loss_first": self.losses[0] if self.losses else None,
             "loss_last": self.losses[-1] if self.losses else None,
