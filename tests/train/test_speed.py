@@ -289,6 +289,11 @@ def test_the_speed_plan_compiles_an_offloaded_4bit_model_on_a_gpu_with_triton(ti
     assert not planned("cuda", triton=False, activations="offload").compiled
     assert not planned("cpu", triton=True, activations="offload").compiled
     assert not planned("cuda", triton=True, activations="keep").compiled
+    # A model whose config names no transformer shape has no estimate to redo.
+    model = torch.nn.Linear(4, 4)
+    model.is_loaded_in_4bit = True
+    shapeless = planned("cuda", triton=True, activations="offload")
+    assert shapeless.compiled and shapeless.estimate is None
 
 
 def test_compile_is_refused_where_a_sharding_engine_hooks_into_each_layer(tmp_path, tiny_model_dir):

@@ -204,7 +204,8 @@ def plan_speed(
     )
     if compiled != plan.compiled:
         plan.compiled = compiled
-        plan.estimate = estimate()
+        if plan.estimate is not None:  # None: the model's config names no shape to estimate
+            plan.estimate = estimate()
         if plan.estimate_gib is not None:
             plan.estimate_gib = plan.estimate.total(plan.recompute_every, offload=plan.activations == "offload") / GIB
     return plan
