@@ -638,8 +638,29 @@ class SpeedConfig(Section):
         "On a 4-bit model each compiled layer keeps its dequantized weights for the backward pass (0.4 GiB "
         "a layer on an 8B model; the memory plan counts them). auto: on a CUDA GPU for a 4-bit model whose "
         "every layer is recomputed (speed.activations recompute or offload), where it was measured to pay "
-        "(docs/benchmarks.md); off otherwise.",
+        "(docs/benchmarks.md) and CUDA graphs do not run; off otherwise.",
     )
+    cuda_graphs: bool | Literal["auto"] = Field(
+        "auto",
+        description="Replay each recomputed decoder layer's forward and backward from CUDA graphs: one "
+        "layer's call is captured once (in the second step) on a copy of the layer, and every layer "
+        "replays it after its weights are copied in, so the GPU no longer waits for Python to launch "
+        "each small kernel. For layers recomputed by re-entrant checkpointing (speed.activations "
+        "recompute or offload), one GPU or DDP, no dropout; batches of the captured shape only (calls "
+        "of other shapes run as they are, so it pays when every batch has one shape, such as rows of "
+        "data.max_length tokens). The graphs hold one layer's activations and a copy of its weights. "
+        "auto: on a CUDA GPU for a 4-bit model whose every layer is recomputed; off otherwise. "
+        "Not with speed.compile: true.",
+    )
+
+    @model_validator(mode="after")
+    def _one_of_compile_and_graphs(self) -> SpeedConfig:
+        if self.compile is True and self.cuda_graphs is True:
+            raise ValueError(
+                "speed.compile and speed.cuda_graphs both take over the decoder layers' calls: "
+                "set one of them (CUDA graphs replay eager layers)"
+            )
+        return self
 
 
 class GuardsConfig(Section):
@@ -893,6 +914,11 @@ class Config(Section):
             raise ValueError(
                 f"speed.compile compiles each decoder layer's call, where distributed.strategy "
                 f"'{self.distributed.strategy}' runs its own gather and release hooks: use it with ddp or one GPU"
+            )
+        if self.speed.cuda_graphs is True and self.distributed.strategy != "ddp":
+            raise ValueError(
+                f"speed.cuda_graphs copies each layer's weights into one captured layer, where distributed.strategy "
+                f"'{self.distributed.strategy}' shards them: use it with ddp or one GPU"
             )
         if self.eval.tasks and not (self.data.eval_datasets or self.data.eval_split > 0):
             raise ValueError(

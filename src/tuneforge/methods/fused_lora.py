@@ -36,9 +36,11 @@ being dequantized a third time.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -106,11 +108,28 @@ def _frozen_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return base.weight.to(dtype)
 
 
+_backward_follows = 0  # `backward_follows()` contexts open now
+
+
+@contextlib.contextmanager
+def backward_follows() -> Iterator[None]:
+    """Forwards run inside are followed at once by their backward, as a re-entrant recomputation
+    is: a CUDA graph capture of a layer's forward and backward (`train/layer_graphs.py`)."""
+    global _backward_follows
+    _backward_follows += 1
+    try:
+        yield
+    finally:
+        _backward_follows -= 1
+
+
 def _reentrant_recomputation() -> bool:
     """Whether this forward is a re-entrant checkpoint's recomputation (what tuneforge uses where
-    it is exact, `train/speed.py`): the backward of the graph it builds runs next. A non-re-entrant
-    recomputation only refills the first forward's saved tensors, so what its `ctx` kept would go
-    unused. Not traced under `torch.compile`."""
+    it is exact, `train/speed.py`) or under `backward_follows`: the backward of the graph it builds
+    runs next. A non-re-entrant recomputation only refills the first forward's saved tensors, so
+    what its `ctx` kept would go unused. Not traced under `torch.compile`."""
+    if _backward_follows:
+        return True
     if torch.compiler.is_compiling():
         return False
     node = torch._C._current_autograd_node()  # the backward node running now, if any
@@ -481,6 +500,7 @@ def install_fused_lora_mlp(model: torch.nn.Module) -> int:
 
 __all__ = [
     "FusedLora",
+    "backward_follows",
     "install_fused_lora",
     "install_fused_lora_mlp",
     "install_norm_recompute",

@@ -34,7 +34,7 @@ from tuneforge.plan.estimate import (
     flops_per_token,
     recompute_flops_per_token,
 )
-from tuneforge.train.speed import plan_activations, resolve_compile, resolve_liger
+from tuneforge.train.speed import plan_activations, resolve_compile, resolve_cuda_graphs, resolve_liger
 
 # Dense bf16 datasheet peaks (TFLOP/s): the default denominator of the time estimate.
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
@@ -111,7 +111,7 @@ class Plan:
             ("model", f"{s['model']} ({self.parameters.total / 1e9:.2f}B parameters)"),
             ("method", f"{s['method']}, {self.parameters.trainable:,} trainable ({100 * self.parameters.trainable / max(self.parameters.total, 1):.2f}%)"),
             ("setup", (f"{s['dtype']}{', ' + s['quantization'] if s['quantization'] != 'none' else ''}, Liger {'on' if s['liger'] else 'off'}, "
-                       f"{'layers compiled, ' if s['compiled'] else ''}activations {activations}, micro-batch {s['micro_batch']} x {s['seq']} tokens, {s['gpus']} GPU(s), {s['strategy']}")),
+                       f"{'layers compiled, ' if s['compiled'] else ''}{'CUDA graphs, ' if s['graphed'] else ''}activations {activations}, micro-batch {s['micro_batch']} x {s['seq']} tokens, {s['gpus']} GPU(s), {s['strategy']}")),
         ]
         rows += [(f"  {key.replace('_', ' ')}", f"{value:8.2f} GiB") for key, value in memory.items()]
         verdict = "fits" if self.fits else "DOES NOT FIT"
@@ -279,9 +279,13 @@ def plan_config(config: Config, options: PlanOptions | None = None) -> Plan:
     estimate = estimate_for(config.speed.compile is True)
     recompute_every, offload = _activation_policy(config, estimate, gpu_memory)
     activations = "offload" if offload else "recompute" if recompute_every else "keep"
+    graphed = activations != "keep" and resolve_cuda_graphs(
+        config.speed.cuda_graphs if config.speed.compile is not True else False, four_bit=quantization == "4bit",
+        activations=activations, recompute_every=recompute_every, strategy=strategy.name, cuda=True,
+    )
     compiled = resolve_compile(
         config.speed.compile, four_bit=quantization == "4bit", activations=activations,
-        recompute_every=recompute_every, strategy=strategy.name, triton_gpu=True,
+        recompute_every=recompute_every, strategy=strategy.name, triton_gpu=True, graphed=graphed,
     )
     if compiled != (config.speed.compile is True):
         estimate = estimate_for(compiled)
@@ -289,7 +293,7 @@ def plan_config(config: Config, options: PlanOptions | None = None) -> Plan:
         "model": config.model.path, "method": config.method.name, "quantization": quantization,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "liger": liger,
         "micro_batch": micro_batch, "seq": config.data.max_length, "gpus": options.gpus, "strategy": strategy.name,
-        "recompute_every": recompute_every, "offload": offload, "compiled": compiled,
+        "recompute_every": recompute_every, "offload": offload, "compiled": compiled, "graphed": graphed,
         "peak_tflops": peak_tflops, "utilisation": options.utilisation,
     }
     weight_gradients = any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)

@@ -479,7 +479,7 @@ def train(
         report_after_metrics(trainer)
         check_engine(trainer, config.distributed, ranks.world_size)
         keep_gradients_in_buckets(trainer, config.distributed, ranks.world_size)
-        layer_checkpointing = plan.layer_checkpointing(args, planned_engine(config.distributed, ranks.world_size))
+        layer_checkpointing = plan.layer_checkpointing(args, planned_engine(config.distributed, ranks.world_size), report=_say)
         if layer_checkpointing is not None:
             trainer.add_callback(layer_checkpointing)
         if config.speed.fused_lora:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -33,6 +34,7 @@ from tuneforge.plan.estimate import (
     computes_in_16bit,
     estimate_memory,
 )
+from tuneforge.train.layer_graphs import LayerGraphs
 
 
 def liger_model_types() -> set[str]:
@@ -80,6 +82,7 @@ class SpeedPlan:
     liger_reason: str
     activations: str  # keep | recompute | offload
     compiled: bool = False  # speed.compile: the decoder layers are compiled
+    graphed: bool = False  # speed.cuda_graphs: recomputed layers replay CUDA graphs
     recompute_every: int = 1
     reason: str = ""
     estimate_gib: float | None = None
@@ -105,11 +108,15 @@ class SpeedPlan:
                 setattr(args, f"{prefix}_checkpointing", recompute)
                 setattr(args, f"{prefix}_checkpointing_kwargs", kwargs)
 
-    def layer_checkpointing(self, args: Any, engine: str) -> LayerCheckpointing | None:
-        """The callback that runs the recomputed layers as planned (None when nothing is recomputed)."""
+    def layer_checkpointing(self, args: Any, engine: str, report: Callable[[str], None] = print) -> LayerCheckpointing | None:
+        """The callback that runs the recomputed layers as planned (None when nothing is recomputed);
+        `report` prints what the CUDA graphs did."""
         if self.activations == "keep":
             return None
-        return LayerCheckpointing(reentrant=reentrant_checkpointing_applies(args, engine), offload=self.activations == "offload")
+        return LayerCheckpointing(
+            reentrant=reentrant_checkpointing_applies(args, engine), offload=self.activations == "offload",
+            graphs=self.graphed, report=report,
+        )
 
     def describe(self) -> str:
         where = {
@@ -122,7 +129,8 @@ class SpeedPlan:
         liger = self.liger_reason
         if self.liger and self.compiled:
             liger += f" (not {', '.join(LIGER_KERNELS_LEFT_TO_INDUCTOR)}: compiled layers fuse them)"
-        return f"Liger kernels {liger}; activations {where} ({self.reason}{estimate})"
+        graphs = "; recomputed layers replay CUDA graphs" if self.graphed else ""
+        return f"Liger kernels {liger}; activations {where} ({self.reason}{estimate}){graphs}"
 
 
 def plan_activations(estimate: MemoryEstimate, budget: int) -> tuple[str, int, str, float]:
@@ -139,18 +147,44 @@ def plan_activations(estimate: MemoryEstimate, budget: int) -> tuple[str, int, s
     return "offload", 1, "only offloading fits", estimate.total(1, offload=True) / GIB
 
 
-def resolve_compile(setting: bool | str, *, four_bit: bool, activations: str, recompute_every: int, strategy: str, triton_gpu: bool) -> bool:
+def _recomputes_every_layer(activations: str, recompute_every: int) -> bool:
+    return activations == "offload" or (activations == "recompute" and recompute_every == 1)
+
+
+def resolve_cuda_graphs(setting: bool | str, *, four_bit: bool, activations: str, recompute_every: int, strategy: str, cuda: bool) -> bool:
+    """Whether recomputed decoder layers replay CUDA graphs (`train/layer_graphs.py`). `auto`: for a
+    4-bit model with every layer recomputed, one GPU or DDP, on CUDA, where the eager step leaves the
+    GPU waiting for Python between small kernels (docs/benchmarks.md).
+
+    Raises:
+        ConfigError: `speed.cuda_graphs: true` where no layer is recomputed, or off CUDA.
+    """
+    if setting is True:
+        if activations == "keep" or not cuda:
+            raise ConfigError(
+                "speed.cuda_graphs replays recomputed decoder layers on a CUDA GPU; "
+                + ("this run keeps every layer's activations" if cuda else "this run has no CUDA GPU"),
+                where="speed.cuda_graphs", hint="set speed.activations: recompute or offload, or cuda_graphs: auto",
+            )
+        return True
+    if setting is False:
+        return False
+    return four_bit and _recomputes_every_layer(activations, recompute_every) and strategy == "ddp" and cuda
+
+
+def resolve_compile(setting: bool | str, *, four_bit: bool, activations: str, recompute_every: int, strategy: str, triton_gpu: bool,
+                    graphed: bool = False) -> bool:
     """Whether the decoder layers are compiled. `auto` compiles where it was measured to pay: a
     4-bit model with every layer recomputed, whose eager step leaves the GPU waiting for Python
     between its small adapter and dequantization kernels (QLoRA-8B offloaded on an H200: 9,171
     tok/s compiled against 7,103 eager, docs/benchmarks.md). Compiled layers that keep their
     activations keep their dequantized weights too, and ran slower; 16-bit LoRA gained nothing.
     Only on a GPU inductor generates Triton kernels for (`triton_gpu`), with DDP or one GPU (a
-    sharding engine hooks into each layer)."""
+    sharding engine hooks into each layer). Not where the layers replay CUDA graphs (`graphed`),
+    which capture them eager."""
     if setting != "auto":
         return bool(setting)
-    recomputes_every_layer = activations == "offload" or (activations == "recompute" and recompute_every == 1)
-    return four_bit and recomputes_every_layer and strategy == "ddp" and triton_gpu
+    return four_bit and _recomputes_every_layer(activations, recompute_every) and strategy == "ddp" and triton_gpu and not graphed
 
 
 def plan_speed(
@@ -197,10 +231,15 @@ def plan_speed(
         )
         plan.activations, plan.recompute_every, reason, plan.estimate_gib = plan_activations(plan.estimate, budget)
         plan.reason = f"{reason} in {budget / GIB:.1f} GiB"
+    four_bit = bool(getattr(model, "is_loaded_in_4bit", False))
+    plan.graphed = resolve_cuda_graphs(
+        speed.cuda_graphs if speed.compile is not True else False, four_bit=four_bit, activations=plan.activations,
+        recompute_every=plan.recompute_every, strategy=sharding[0].name, cuda=cuda,
+    )
     compiled = resolve_compile(
-        speed.compile, four_bit=bool(getattr(model, "is_loaded_in_4bit", False)), activations=plan.activations,
+        speed.compile, four_bit=four_bit, activations=plan.activations,
         recompute_every=plan.recompute_every, strategy=sharding[0].name,
-        triton_gpu=cuda and importlib.util.find_spec("triton") is not None,
+        triton_gpu=cuda and importlib.util.find_spec("triton") is not None, graphed=plan.graphed,
     )
     if compiled != plan.compiled:
         plan.compiled = compiled
@@ -326,15 +365,19 @@ class _LayerCheckpoint:
     """A decoder layer's checkpoint function: re-entrant where that is exact
     (`reentrant_is_exact`) and allowed, the layer's inputs offloaded when asked."""
 
-    def __init__(self, checkpoint: Any, reentrant: bool, offload: bool) -> None:
+    def __init__(self, checkpoint: Any, reentrant: bool, offload: bool, graphs: LayerGraphs | None = None) -> None:
         self.checkpoint = checkpoint  # transformers' partial(checkpoint, use_reentrant=False, ...)
         self.reentrant = reentrant
         self.offload = offload
+        self.graphs = graphs
 
     def __call__(self, function: Any, *args: Any) -> Any:
-        kwargs = {"use_reentrant": True} if self.reentrant and reentrant_is_exact(function, args) else {}
+        reentrant = self.reentrant and reentrant_is_exact(function, args)
+        if reentrant and self.graphs is not None:
+            # Before the offload context: a capture's own saved tensors stay on the GPU.
+            function = self.graphs.wrap(function, args)
         with OffloadToCpu() if self.offload else contextlib.nullcontext():
-            return self.checkpoint(function, *args, **kwargs)
+            return self.checkpoint(function, *args, **({"use_reentrant": True} if reentrant else {}))
 
 
 class LayerCheckpointing(TrainerCallback):
@@ -350,9 +393,12 @@ class LayerCheckpointing(TrainerCallback):
     The Trainer enables checkpointing inside `train()`, so the swap happens at its start.
     """
 
-    def __init__(self, reentrant: bool, offload: bool) -> None:
+    def __init__(self, reentrant: bool, offload: bool, graphs: bool = False, report: Callable[[str], None] = print) -> None:
         self.reentrant = reentrant
         self.offload = offload
+        # One capture serves every layer (`train/layer_graphs.py`); only re-entrant calls replay it.
+        self.graphs = LayerGraphs(report) if graphs and reentrant else None
+        self.report = report
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         from transformers.modeling_layers import GradientCheckpointingLayer
@@ -360,7 +406,11 @@ class LayerCheckpointing(TrainerCallback):
         for module in model.modules():
             func = getattr(module, "_gradient_checkpointing_func", None)
             if isinstance(module, GradientCheckpointingLayer) and func is not None and not isinstance(func, _LayerCheckpoint):
-                module._gradient_checkpointing_func = _LayerCheckpoint(func, self.reentrant, self.offload)
+                module._gradient_checkpointing_func = _LayerCheckpoint(func, self.reentrant, self.offload, self.graphs)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.graphs is not None:
+            self.report(self.graphs.describe())
 
 
 class FusedLoraActivations(TrainerCallback):
@@ -411,5 +461,6 @@ __all__ = [
     "reentrant_checkpointing_applies",
     "reentrant_is_exact",
     "resolve_compile",
+    "resolve_cuda_graphs",
     "resolve_liger",
 ]

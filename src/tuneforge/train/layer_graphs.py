@@ -1,0 +1,259 @@
+"""Recomputed decoder layers replayed as CUDA graphs (`speed.cuda_graphs`).
+
+An offloaded QLoRA step on an 8B model launches about 10,000 kernels, most of them small (the
+adapters' matmuls, casts, dequantization), and the GPU waits while Python launches them: 235 ms
+of a 586 ms step eager, 97 of 469 with compiled layers (docs/benchmarks.md). A CUDA graph replays
+a recorded sequence of kernels with one launch. The decoder layers of a model share their code
+and shapes, so one layer's forward and backward are captured once, on a copy of the layer (the
+template), and every layer replays them after its own tensors (weights, 4-bit quantization
+statistics, adapters) are copied into the template's: one `torch._foreach_copy_`, 0.1 GB a layer
+on an 8B 4-bit model.
+
+The graphs keep what the forward saves for the backward in their own memory, so they serve only
+layers recomputed by re-entrant checkpointing (`train/speed.py::_LayerCheckpoint`), whose
+recomputation is followed at once by its backward; the first forward, without gradients, replays
+the same forward graph. One call shape is captured: the first a layer is called with twice (in its
+second step). Calls of other shapes, and layers a graph cannot replay (dropout draws new random
+numbers each call; accelerate's hooks move weights), run as they are.
+
+    graphs = LayerGraphs()
+    function = graphs.wrap(function, args)   # a layer's checkpointed call, as transformers gives it
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.autograd.function import once_differentiable
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from tuneforge.methods.fused_lora import backward_follows
+
+
+class NotGraphable(Exception):
+    """A layer call the captured graphs cannot stand in for; the message says why."""
+
+
+def layer_tensors(layer: torch.nn.Module) -> list[torch.Tensor]:
+    """Every tensor a layer's forward reads from the layer, in a fixed order: its parameters'
+    data, its buffers, and the quantization statistics of its bitsandbytes 4-bit weights."""
+    tensors = [parameter.data for parameter in layer.parameters()] + list(layer.buffers())
+    states: dict[int, Any] = {}  # by identity: peft's LoRA layer shows its base's weight as its own
+    for module in layer.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None and id(state) not in states:
+            states[id(state)] = state
+            nested = getattr(state, "state2", None)
+            found = [state.absmax, state.code, getattr(state, "offset", None)]
+            found += [nested.absmax, nested.code] if nested is not None else []
+            tensors += [tensor for tensor in found if isinstance(tensor, torch.Tensor)]
+    return tensors
+
+
+def not_graphable(layer: torch.nn.Module) -> str | None:
+    """Why a layer's calls cannot be replayed from a captured graph, or None."""
+    for name, module in layer.named_modules():
+        where = f"{type(layer).__name__}.{name}" if name else type(layer).__name__
+        if isinstance(module, torch.nn.Dropout) and module.p > 0 and module.training:
+            return f"{where} has dropout (p={module.p}): a replay would draw the same random numbers"
+        if float(getattr(module, "attention_dropout", 0.0) or 0.0) > 0 and module.training:
+            return f"{where} has attention dropout: a replay would draw the same random numbers"
+        if "_hf_hook" in vars(module):
+            return f"{where} has accelerate hooks, which move its weights in each call"
+    return None
+
+
+def call_signature(function: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """What a replay must match of a checkpointed layer call, `function(*args)` with `function`
+    transformers' `partial(forward, layer, **kwargs)`: the forward, the layer's class, the
+    hidden states' and keyword tensors' shapes and devices, the other keyword values, the
+    autocast state. None for a call of another form."""
+    if not (
+        isinstance(function, functools.partial) and len(function.args) == 1
+        and isinstance(function.args[0], torch.nn.Module) and len(args) == 1 and isinstance(args[0], torch.Tensor)
+    ):
+        return None
+    leaves, spec = tree_flatten(function.keywords)
+    described: list[Any] = []
+    for leaf in [args[0], *leaves]:
+        if isinstance(leaf, torch.Tensor):
+            described.append((tuple(leaf.shape), leaf.stride(), leaf.dtype, leaf.device))
+        else:
+            try:
+                hash(leaf)
+            except TypeError:
+                return None
+            described.append(leaf)
+    autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+    return (function.func, type(function.args[0]), repr(spec), tuple(described), autocast)
+
+
+class _Replay(torch.autograd.Function):
+    """A layer's call as the captured graphs: the forward graph with the layer's tensors loaded,
+    then (for a recomputation) the backward graph, whose gradients are copied out."""
+
+    @staticmethod
+    def forward(ctx: Any, captured: CapturedLayer, sources: list[torch.Tensor], keywords: list[Any],
+                hidden: torch.Tensor, *trainable: torch.Tensor) -> torch.Tensor:
+        captured.load(sources, keywords, hidden)
+        captured.forward_graph.replay()
+        ctx.captured = captured
+        ctx.shapes = [parameter.shape for parameter in trainable]
+        # A copy: the next replay writes over the graph's output, and the input's offload to
+        # CPU memory (on a side stream) may still be reading it.
+        return captured.output.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        captured = ctx.captured
+        captured.grad_output.copy_(grad)
+        captured.backward_graph.replay()
+        grad_hidden = captured.grad_hidden.clone()  # copies: the next layer's replay reuses them
+        grads: list[torch.Tensor] = []
+        if captured.flat_grads is not None:
+            flat = captured.flat_grads.clone()
+            grads = [part.view(shape) for part, shape in zip(flat.split([s.numel() for s in ctx.shapes]), ctx.shapes, strict=True)]
+        return (None, None, None, grad_hidden, *grads)
+
+
+class CapturedLayer:
+    """One layer call's forward and backward, captured as CUDA graphs on a copy of the layer."""
+
+    def __init__(self, function: functools.partial, hidden: torch.Tensor, signature: tuple[Any, ...],
+                 memo: dict[int, Any]) -> None:
+        layer = function.args[0]
+        self.signature = signature
+        self.template = copy.deepcopy(layer, memo)
+        self.tensors = layer_tensors(self.template)
+        sources = layer_tensors(layer)
+        if [(t.shape, t.dtype) for t in sources] != [(t.shape, t.dtype) for t in self.tensors]:
+            raise NotGraphable(f"a copy of {type(layer).__name__} holds other tensors than the layer")
+        self.trainable = [parameter for parameter in self.template.parameters() if parameter.requires_grad]
+        if len({parameter.dtype for parameter in self.trainable}) > 1:
+            raise NotGraphable("its trainable tensors have several dtypes")
+        leaves, spec = tree_flatten(function.keywords)
+        self.keywords = [leaf.detach().clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        self._loaded: list[tuple[weakref.ref[torch.Tensor], int] | None] = [None] * len(leaves)
+        self.hidden = hidden.detach().clone().requires_grad_(True)
+        keywords = tree_unflatten(self.keywords, spec)
+
+        def run() -> torch.Tensor:
+            output = function.func(self.template, self.hidden, **keywords)
+            if not isinstance(output, torch.Tensor):
+                raise NotGraphable(f"{type(layer).__name__} returns {type(output).__name__}, not a tensor")
+            return output
+
+        inputs = [self.hidden, *self.trainable]
+        autocast = torch.autocast(  # the caller's autocast, without its cache of cast weights
+            "cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False
+        )
+        with torch.enable_grad(), autocast, backward_follows():
+            # Warm-up on a side stream: kernels compile, libraries allocate workspaces, outside the graph.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    output = run()
+                    torch.autograd.grad(output, inputs, torch.ones_like(output))
+            torch.cuda.current_stream().wait_stream(side)
+            del output
+            pool = torch.cuda.graph_pool_handle()
+            self.forward_graph, self.backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+            # thread_local: a data-loader thread pinning memory meanwhile does not void the capture.
+            with torch.cuda.graph(self.forward_graph, pool=pool, capture_error_mode="thread_local"):
+                output = run()
+            self.grad_output = torch.empty_like(output)
+            with torch.cuda.graph(self.backward_graph, pool=pool, capture_error_mode="thread_local"):
+                grads = torch.autograd.grad(output, inputs, self.grad_output)
+                self.grad_hidden = grads[0]
+                self.flat_grads = torch.cat([grad.reshape(-1) for grad in grads[1:]]) if len(grads) > 1 else None
+        self.output = output.detach()
+
+    def load(self, sources: list[torch.Tensor], keywords: list[Any], hidden: torch.Tensor) -> None:
+        """Copy a layer's tensors and its call's inputs into the template's (keyword tensors only
+        when they changed: every layer of a step reads the same position embeddings)."""
+        with torch.no_grad():
+            torch._foreach_copy_(self.tensors, sources)
+            self.hidden.copy_(hidden)
+            for slot, (static, source) in enumerate(zip(self.keywords, keywords, strict=True)):
+                if not isinstance(source, torch.Tensor):
+                    continue
+                loaded = self._loaded[slot]
+                if loaded is None or loaded[0]() is not source or loaded[1] != source._version:
+                    static.copy_(source)
+                    self._loaded[slot] = (weakref.ref(source), source._version)
+
+
+class LayerGraphs:
+    """The model's captured layer call, shared by the checkpoint functions of all its layers."""
+
+    def __init__(self, report: Callable[[str], None] = print) -> None:
+        self.captured: CapturedLayer | None = None
+        self.off: str | None = None  # why no graph serves this run
+        self.replays = 0
+        self.calls_of_other_shapes = 0
+        self._report = report
+        self._seen: set[tuple[Any, int]] = set()
+        self._layers: weakref.WeakKeyDictionary[torch.nn.Module, tuple[list[torch.Tensor], list[torch.nn.Parameter]]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> LayerGraphs:
+        return self  # a copied layer (the template) shares its original's graphs
+
+    def wrap(self, function: Any, args: tuple[Any, ...]) -> Any:
+        """`function`, a layer's call as transformers checkpoints it, as a replay of the captured
+        graphs where it matches them (capturing them on a call's second sighting); else itself."""
+        if self.off is not None:
+            return function
+        signature = call_signature(function, args)
+        if signature is None or not all(
+            leaf.is_cuda for leaf in [args[0], *tree_flatten(function.keywords)[0]] if isinstance(leaf, torch.Tensor)
+        ):
+            return function
+        layer = function.args[0]
+        if self.captured is None:
+            key = (signature, id(layer))
+            if key not in self._seen:
+                self._seen.add(key)
+                return function
+            why = not_graphable(layer)
+            try:
+                if why is not None:
+                    raise NotGraphable(why)
+                self.captured = CapturedLayer(function, args[0], signature, {id(self): self})
+            except (NotGraphable, RuntimeError) as error:  # the layers run as they are
+                self.off = str(error).splitlines()[0]
+                self._report(f"CUDA graphs off: {self.off}")
+                return function
+            self._report(f"CUDA graphs: captured {type(layer).__name__}'s forward and backward for "
+                         f"hidden states {tuple(args[0].shape)}; every layer replays them")
+        if signature != self.captured.signature:
+            self.calls_of_other_shapes += 1
+            return function
+        if layer not in self._layers:
+            self._layers[layer] = (layer_tensors(layer), [p for p in layer.parameters() if p.requires_grad])
+        sources, trainable = self._layers[layer]
+        keywords, captured = tree_flatten(function.keywords)[0], self.captured
+        self.replays += 1
+
+        def replay(hidden: torch.Tensor) -> torch.Tensor:
+            return _Replay.apply(captured, sources, keywords, hidden, *trainable)
+
+        return replay
+
+    def describe(self) -> str:
+        if self.off is not None:
+            return f"CUDA graphs off ({self.off})"
+        if self.captured is None:
+            return "CUDA graphs: no layer call repeated its shape, none captured"
+        return f"CUDA graphs: {self.replays} layer calls replayed, {self.calls_of_other_shapes} of other shapes ran as they are"
+
+
+__all__ = ["CapturedLayer", "LayerGraphs", "NotGraphable", "call_signature", "layer_tensors", "not_graphable"]

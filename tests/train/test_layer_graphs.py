@@ -1,0 +1,194 @@
+"""Recomputed decoder layers replayed as CUDA graphs (train/layer_graphs.py): what a replay copies
+into the captured layer, which calls it stands in for, which layers it refuses, how the plan turns
+it on; and, on a GPU, that graphed layers train as the eager ones do."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tuneforge.config.schema import SpeedConfig
+from tuneforge.errors import ConfigError
+from tuneforge.methods.fused_lora import install_fused_lora, install_fused_lora_mlp
+from tuneforge.train.layer_graphs import LayerGraphs, call_signature, layer_tensors, not_graphable
+from tuneforge.train.speed import LayerCheckpointing, resolve_compile, resolve_cuda_graphs
+
+LLAMA = {
+    "vocab_size": 96, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 3, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "max_position_embeddings": 64,
+}
+
+
+def _lora_model(device: str = "cpu", four_bit_dir=None, lora_dropout: float = 0.0, **config) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if four_bit_dir is not None:
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
+        )
+        model = LlamaForCausalLM.from_pretrained(four_bit_dir, quantization_config=quantization, device_map=device)
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**{**LLAMA, **config})).to(device, torch.bfloat16)
+    torch.manual_seed(1)
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules="all-linear",
+                                             init_lora_weights=False, lora_dropout=lora_dropout))
+    install_fused_lora(model)
+    install_fused_lora_mlp(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def four_bit_dir(tmp_path_factory):
+    pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("four-bit-llama")
+    LlamaForCausalLM(LlamaConfig(**LLAMA)).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def _layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return list(model.base_model.model.model.layers)
+
+
+def _call(layer: torch.nn.Module, hidden: torch.Tensor, **keywords):
+    """A layer's call as transformers checkpoints it: partial(forward, layer, **keywords), (hidden,)."""
+    return functools.partial(type(layer).forward.__wrapped__, layer, **keywords), (hidden,)
+
+
+def test_a_copy_of_a_4bit_layer_reads_the_same_tensors_in_the_same_order(four_bit_dir):
+    """What a replay copies into the captured layer: parameters, and each 4-bit weight's
+    quantization statistics (absmax, code, offset, and the nested absmax and code)."""
+    layer = _layers(_lora_model(four_bit_dir=four_bit_dir))[0]
+    tensors = layer_tensors(layer)
+    parameters = list(layer.parameters())
+    assert len(tensors) == len(parameters) + 7 * 5  # q k v o gate up down
+    assert all(type(tensor) is torch.Tensor for tensor in tensors)  # plain: no Params4bit dispatch on copy
+    template = copy.deepcopy(layer)
+    copied = layer_tensors(template)
+    assert [(t.shape, t.dtype) for t in copied] == [(t.shape, t.dtype) for t in tensors]
+    assert all(torch.equal(a, b) and a.data_ptr() != b.data_ptr() for a, b in zip(copied, tensors, strict=True))
+    # The fused forwards are bound to the copy's own modules, not the original's.
+    assert template.self_attn.q_proj.forward.__self__ is template.self_attn.q_proj
+    assert template.mlp.forward.__self__ is template.mlp
+    graphs = LayerGraphs()
+    assert copy.deepcopy(graphs) is graphs  # a copied layer's checkpoint function shares the graphs
+
+
+def test_layers_with_dropout_or_weight_moving_hooks_are_not_graphed():
+    assert not_graphable(_layers(_lora_model())[0]) is None
+    dropout = _layers(_lora_model(lora_dropout=0.1))[0]
+    assert "lora_dropout" in not_graphable(dropout) and "p=0.1" in not_graphable(dropout)
+    assert not_graphable(dropout.eval()) is None  # no random numbers outside training
+    attention = _layers(_lora_model(attention_dropout=0.1))[0].train()
+    assert "self_attn has attention dropout" in not_graphable(attention)
+    hooked = _layers(_lora_model())[0]
+    hooked.mlp._hf_hook = object()
+    assert "LlamaDecoderLayer.mlp has accelerate hooks" in not_graphable(hooked)
+
+
+def test_the_call_signature_tells_shapes_and_keyword_values_apart():
+    first, second = _layers(_lora_model())[:2]
+    hidden = torch.zeros(2, 24, 64)
+    cos_sin = (torch.zeros(1, 24, 16), torch.zeros(1, 24, 16))
+
+    def signature(layer, hidden=hidden, **keywords):
+        return call_signature(*_call(layer, hidden, **{"position_embeddings": cos_sin, "attention_mask": None, **keywords}))
+
+    assert signature(first) == signature(second) is not None  # one capture serves every layer
+    assert signature(first) != signature(first, hidden=torch.zeros(2, 20, 64))
+    assert signature(first) != signature(first, use_cache=True)
+    assert signature(first) != signature(first, attention_mask=torch.zeros(2, 1, 24, 24))
+    assert signature(first, extra={1, 2}) is None  # a value that cannot be hashed
+    assert call_signature(lambda hidden: hidden, (hidden,)) is None  # not transformers' partial form
+
+
+def test_calls_off_a_gpu_run_as_they_are():
+    layer = _layers(_lora_model())[0]
+    function, args = _call(layer, torch.zeros(2, 24, 64))
+    graphs = LayerGraphs()
+    for _ in range(3):
+        assert graphs.wrap(function, args) is function
+    assert graphs.captured is None and graphs.replays == 0
+    assert graphs.describe() == "CUDA graphs: no layer call repeated its shape, none captured"
+
+
+def test_cuda_graphs_auto_is_for_4bit_models_whose_every_layer_is_recomputed_and_replaces_compile():
+    auto = functools.partial(resolve_cuda_graphs, "auto", recompute_every=1, strategy="ddp", cuda=True)
+    assert auto(four_bit=True, activations="offload")
+    assert auto(four_bit=True, activations="recompute")
+    assert not auto(four_bit=False, activations="offload")
+    assert not auto(four_bit=True, activations="keep")
+    assert not resolve_cuda_graphs("auto", four_bit=True, activations="recompute", recompute_every=2, strategy="ddp", cuda=True)
+    assert not resolve_cuda_graphs("auto", four_bit=True, activations="offload", recompute_every=1, strategy="fsdp", cuda=True)
+    assert not resolve_cuda_graphs("auto", four_bit=True, activations="offload", recompute_every=1, strategy="ddp", cuda=False)
+    assert not resolve_cuda_graphs(False, four_bit=True, activations="offload", recompute_every=1, strategy="ddp", cuda=True)
+    assert resolve_cuda_graphs(True, four_bit=False, activations="recompute", recompute_every=3, strategy="ddp", cuda=True)
+    with pytest.raises(ConfigError, match="keeps every layer's activations"):
+        resolve_cuda_graphs(True, four_bit=True, activations="keep", recompute_every=1, strategy="ddp", cuda=True)
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        resolve_cuda_graphs(True, four_bit=True, activations="offload", recompute_every=1, strategy="ddp", cuda=False)
+    compile_auto = functools.partial(resolve_compile, "auto", four_bit=True, activations="offload", recompute_every=1,
+                                     strategy="ddp", triton_gpu=True)
+    assert compile_auto() and not compile_auto(graphed=True)  # graphs capture eager layers
+
+
+def test_compile_and_cuda_graphs_are_not_both_asked_for():
+    with pytest.raises(ValueError, match="speed.compile and speed.cuda_graphs both"):
+        SpeedConfig(compile=True, cuda_graphs=True)
+    assert SpeedConfig().cuda_graphs == "auto"
+
+
+def test_graphs_serve_only_re_entrant_checkpointing():
+    assert LayerCheckpointing(reentrant=True, offload=True, graphs=True).graphs is not None
+    assert LayerCheckpointing(reentrant=False, offload=True, graphs=True).graphs is None
+    assert LayerCheckpointing(reentrant=True, offload=True, graphs=False).graphs is None
+
+
+def _train_steps(model: torch.nn.Module, graphs: bool, lengths: list[int]):
+    """Losses and adapter gradients of SGD steps on random rows of `lengths`, every layer
+    recomputed (re-entrant, inputs offloaded) as tuneforge runs them; and the run's graphs."""
+    model.train()
+    model.enable_input_require_grads()
+    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    callback = LayerCheckpointing(reentrant=True, offload=True, graphs=graphs, report=lambda message: None)
+    callback.on_train_begin(None, None, None, model=model)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    generator = torch.Generator().manual_seed(0)
+    steps = []
+    for length in lengths:
+        tokens = torch.randint(0, 96, (2, length), generator=generator).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        steps.append((loss.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        optimizer.step()
+        optimizer.zero_grad()
+    return steps, callback.graphs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("four_bit", [False, True], ids=["bf16", "nf4"])
+def test_graphed_layers_train_as_the_eager_layers_do(four_bit, request):
+    """Steps 1 (eager, shape seen), 2 (captured, replayed) and 3 (replayed, after an optimizer
+    step changed the adapters) of a model with graphed layers give the eager model's losses and
+    gradients; a step of another length runs as it is and agrees too."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    directory = request.getfixturevalue("four_bit_dir") if four_bit else None
+    lengths = [24, 24, 24, 20, 24]
+    eager, _ = _train_steps(_lora_model("cuda", directory), graphs=False, lengths=lengths)
+    graphed, graphs = _train_steps(_lora_model("cuda", directory), graphs=True, lengths=lengths)
+    assert graphs.off is None and graphs.captured is not None
+    assert graphs.replays == 3 * 3 and graphs.calls_of_other_shapes == 3  # steps 2, 3, 5; step 4's length
+    for step, ((loss, grads), (ref_loss, ref_grads)) in enumerate(zip(graphed, eager, strict=True)):
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-3, atol=1e-3, msg=f"step {step + 1}")
+        assert grads.keys() == ref_grads.keys() and grads
+        for name, grad in ref_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=2e-2, atol=1e-4, msg=f"step {step + 1}: {name}")
+    assert graphed[-1][0] < graphed[0][0]
