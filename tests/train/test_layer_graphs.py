@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from tuneforge.config.schema import SpeedConfig
 from tuneforge.errors import ConfigError
 from tuneforge.methods.fused_lora import install_fused_lora, install_fused_lora_mlp
-from tuneforge.train.layer_graphs import LayerGraphs, call_signature, layer_tensors, not_graphable
+from tuneforge.train.layer_graphs import LayerGraphs, call_signature, layer_call, layer_tensors, not_graphable
 from tuneforge.train.speed import LayerCheckpointing, resolve_compile, resolve_cuda_graphs
 
 LLAMA = {
@@ -105,6 +105,11 @@ def test_the_call_signature_tells_shapes_and_keyword_values_apart():
     assert signature(first) != signature(first, use_cache=True)
     assert signature(first) != signature(first, attention_mask=torch.zeros(2, 1, 24, 24))
     assert signature(first, extra={1, 2}) is None  # a value that cannot be hashed
+    # The form of transformers before 5.2x: partial(super().__call__, **kwargs), the bound nn.Module call.
+    bound = functools.partial(torch.nn.Module.__call__.__get__(second), position_embeddings=cos_sin, attention_mask=None)
+    assert layer_call(bound) == (torch.nn.Module.__call__, second)
+    assert call_signature(bound, (hidden,)) is not None
+    assert call_signature(bound, (hidden,)) == call_signature(functools.partial(torch.nn.Module.__call__.__get__(first), position_embeddings=cos_sin, attention_mask=None), (hidden,))
     assert call_signature(lambda hidden: hidden, (hidden,)) is None  # not transformers' partial form
 
 

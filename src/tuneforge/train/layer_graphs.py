@@ -55,6 +55,15 @@ def layer_tensors(layer: torch.nn.Module) -> list[torch.Tensor]:
     return tensors
 
 
+def by_dtype(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """`tensors` grouped by dtype, in order: `torch._foreach_copy_` copies a group of one dtype
+    in a few kernels, and falls back to a kernel a tensor for a mixed list."""
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault(tensor.dtype, []).append(tensor)
+    return list(groups.values())
+
+
 def not_graphable(layer: torch.nn.Module) -> str | None:
     """Why a layer's calls cannot be replayed from a captured graph, or None."""
     for name, module in layer.named_modules():
@@ -68,15 +77,27 @@ def not_graphable(layer: torch.nn.Module) -> str | None:
     return None
 
 
+def layer_call(function: Any) -> tuple[Callable[..., Any], torch.nn.Module] | None:
+    """The unbound call and the layer of a checkpointed layer call as transformers gives it:
+    `partial(forward, layer, **kwargs)` (transformers >= 5.2x), or `partial(super().__call__,
+    **kwargs)` (earlier), whose bound `nn.Module.__call__` runs the layer without checkpointing.
+    None for a function of another form."""
+    if not isinstance(function, functools.partial):
+        return None
+    if len(function.args) == 1 and isinstance(function.args[0], torch.nn.Module):
+        return function.func, function.args[0]
+    layer = getattr(function.func, "__self__", None)
+    if not function.args and isinstance(layer, torch.nn.Module):
+        return function.func.__func__, layer
+    return None
+
+
 def call_signature(function: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    """What a replay must match of a checkpointed layer call, `function(*args)` with `function`
-    transformers' `partial(forward, layer, **kwargs)`: the forward, the layer's class, the
-    hidden states' and keyword tensors' shapes and devices, the other keyword values, the
-    autocast state. None for a call of another form."""
-    if not (
-        isinstance(function, functools.partial) and len(function.args) == 1
-        and isinstance(function.args[0], torch.nn.Module) and len(args) == 1 and isinstance(args[0], torch.Tensor)
-    ):
+    """What a replay must match of a checkpointed layer call, `function(*args)` (see
+    `layer_call`): the call, the layer's class, the hidden states' and keyword tensors' shapes
+    and devices, the other keyword values, the autocast state. None for a call of another form."""
+    call = layer_call(function)
+    if call is None or len(args) != 1 or not isinstance(args[0], torch.Tensor):
         return None
     leaves, spec = tree_flatten(function.keywords)
     described: list[Any] = []
@@ -90,7 +111,7 @@ def call_signature(function: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | No
                 return None
             described.append(leaf)
     autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-    return (function.func, type(function.args[0]), repr(spec), tuple(described), autocast)
+    return (call[0], type(call[1]), repr(spec), tuple(described), autocast)
 
 
 class _Replay(torch.autograd.Function):
@@ -98,7 +119,7 @@ class _Replay(torch.autograd.Function):
     then (for a recomputation) the backward graph, whose gradients are copied out."""
 
     @staticmethod
-    def forward(ctx: Any, captured: CapturedLayer, sources: list[torch.Tensor], keywords: list[Any],
+    def forward(ctx: Any, captured: CapturedLayer, sources: list[list[torch.Tensor]], keywords: list[Any],
                 hidden: torch.Tensor, *trainable: torch.Tensor) -> torch.Tensor:
         captured.load(sources, keywords, hidden)
         captured.forward_graph.replay()
@@ -125,15 +146,15 @@ class _Replay(torch.autograd.Function):
 class CapturedLayer:
     """One layer call's forward and backward, captured as CUDA graphs on a copy of the layer."""
 
-    def __init__(self, function: functools.partial, hidden: torch.Tensor, signature: tuple[Any, ...],
+    def __init__(self, function: Any, hidden: torch.Tensor, signature: tuple[Any, ...],
                  memo: dict[int, Any]) -> None:
-        layer = function.args[0]
+        call, layer = layer_call(function)
         self.signature = signature
         self.template = copy.deepcopy(layer, memo)
-        self.tensors = layer_tensors(self.template)
-        sources = layer_tensors(layer)
-        if [(t.shape, t.dtype) for t in sources] != [(t.shape, t.dtype) for t in self.tensors]:
+        tensors, sources = layer_tensors(self.template), layer_tensors(layer)
+        if [(t.shape, t.dtype) for t in sources] != [(t.shape, t.dtype) for t in tensors]:
             raise NotGraphable(f"a copy of {type(layer).__name__} holds other tensors than the layer")
+        self.tensors = by_dtype(tensors)
         self.trainable = [parameter for parameter in self.template.parameters() if parameter.requires_grad]
         if len({parameter.dtype for parameter in self.trainable}) > 1:
             raise NotGraphable("its trainable tensors have several dtypes")
@@ -144,7 +165,7 @@ class CapturedLayer:
         keywords = tree_unflatten(self.keywords, spec)
 
         def run() -> torch.Tensor:
-            output = function.func(self.template, self.hidden, **keywords)
+            output = call(self.template, self.hidden, **keywords)
             if not isinstance(output, torch.Tensor):
                 raise NotGraphable(f"{type(layer).__name__} returns {type(output).__name__}, not a tensor")
             return output
@@ -175,11 +196,13 @@ class CapturedLayer:
                 self.flat_grads = torch.cat([grad.reshape(-1) for grad in grads[1:]]) if len(grads) > 1 else None
         self.output = output.detach()
 
-    def load(self, sources: list[torch.Tensor], keywords: list[Any], hidden: torch.Tensor) -> None:
-        """Copy a layer's tensors and its call's inputs into the template's (keyword tensors only
-        when they changed: every layer of a step reads the same position embeddings)."""
+    def load(self, sources: list[list[torch.Tensor]], keywords: list[Any], hidden: torch.Tensor) -> None:
+        """Copy a layer's tensors (`by_dtype(layer_tensors(layer))`) and its call's inputs into the
+        template's (keyword tensors only when they changed: every layer of a step reads the same
+        position embeddings)."""
         with torch.no_grad():
-            torch._foreach_copy_(self.tensors, sources)
+            for tensors, group in zip(self.tensors, sources, strict=True):
+                torch._foreach_copy_(tensors, group)
             self.hidden.copy_(hidden)
             for slot, (static, source) in enumerate(zip(self.keywords, keywords, strict=True)):
                 if not isinstance(source, torch.Tensor):
@@ -200,7 +223,7 @@ class LayerGraphs:
         self.calls_of_other_shapes = 0
         self._report = report
         self._seen: set[tuple[Any, int]] = set()
-        self._layers: weakref.WeakKeyDictionary[torch.nn.Module, tuple[list[torch.Tensor], list[torch.nn.Parameter]]] = (
+        self._layers: weakref.WeakKeyDictionary[torch.nn.Module, tuple[list[list[torch.Tensor]], list[torch.nn.Parameter]]] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -217,7 +240,7 @@ class LayerGraphs:
             leaf.is_cuda for leaf in [args[0], *tree_flatten(function.keywords)[0]] if isinstance(leaf, torch.Tensor)
         ):
             return function
-        layer = function.args[0]
+        layer = layer_call(function)[1]
         if self.captured is None:
             key = (signature, id(layer))
             if key not in self._seen:
@@ -238,7 +261,8 @@ class LayerGraphs:
             self.calls_of_other_shapes += 1
             return function
         if layer not in self._layers:
-            self._layers[layer] = (layer_tensors(layer), [p for p in layer.parameters() if p.requires_grad])
+            # Cached: training updates these tensors in place, and the copies read them as they are.
+            self._layers[layer] = (by_dtype(layer_tensors(layer)), [p for p in layer.parameters() if p.requires_grad])
         sources, trainable = self._layers[layer]
         keywords, captured = tree_flatten(function.keywords)[0], self.captured
         self.replays += 1
@@ -256,4 +280,4 @@ class LayerGraphs:
         return f"CUDA graphs: {self.replays} layer calls replayed, {self.calls_of_other_shapes} of other shapes ran as they are"
 
 
-__all__ = ["CapturedLayer", "LayerGraphs", "NotGraphable", "call_signature", "layer_tensors", "not_graphable"]
+__all__ = ["CapturedLayer", "LayerGraphs", "NotGraphable", "by_dtype", "call_signature", "layer_call", "layer_tensors", "not_graphable"]
