@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from tuneforge.train.layer_graphs import peak_memory_allocated
+
 GIB = 2**30
 
 
@@ -86,7 +88,7 @@ class StepTimer(TrainerCallback):
             "warmup_steps": warmup,
             "warmup_step_seconds": sum(warmup_seconds),
             "seconds_outside_steps": run_seconds - sum(seconds for seconds, _ in counted),
-            "peak_gib": torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else None,
+            "peak_gib": peak_memory_allocated() / GIB if torch.cuda.is_available() else None,
             "loss_first": self.losses[0] if self.losses else None,
             "loss_last": self.losses[-1] if self.losses else None,
         }

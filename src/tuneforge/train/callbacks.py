@@ -16,10 +16,13 @@ from transformers import (
     TrainingArguments,
 )
 
+from tuneforge.train.layer_graphs import peak_memory_allocated
+
 
 class MetricsLogger(TrainerCallback):
     """Adds `tokens_per_second`, `elapsed_seconds` and, on a GPU, `mfu` (model FLOPs utilisation
-    against `peak_tflops`) and `gpu_memory_gib` (peak allocated since the last log) to each
+    against `peak_tflops`) and `gpu_memory_gib` (peak allocated, with the memory of captured CUDA graphs,
+    `layer_graphs.peak_memory_allocated`) to each
     training log, and appends every log to `metrics.jsonl`. The Trainer passes the same dict on
     to its reporting integrations (TensorBoard, wandb, MLflow), so they get these too.
 
@@ -65,7 +68,7 @@ class MetricsLogger(TrainerCallback):
                 self._add_rates(args, logs, tokens, elapsed)
             self._last_time, self._last_tokens = now, state.num_input_tokens_seen
             if torch.cuda.is_available():
-                logs["gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                logs["gpu_memory_gib"] = round(peak_memory_allocated() / 2**30, 2)
         if self._started is not None:
             logs["elapsed_seconds"] = round(now - self._started, 2)
         if state.is_world_process_zero:

@@ -22,6 +22,7 @@ numbers each call; accelerate's hooks move weights), run as they are.
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 import weakref
@@ -33,6 +34,23 @@ from torch.autograd.function import once_differentiable
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from tuneforge.methods.fused_lora import backward_follows
+
+
+_captures: weakref.WeakSet[CapturedLayer] = weakref.WeakSet()
+
+
+def graph_pool_bytes() -> int:
+    """GPU memory the captured layers' graph pools hold beyond their live tensors: what their
+    replays write (activations, dequantized weights) and `torch.cuda.memory_allocated` does not
+    count, though no other tensor can use it."""
+    return sum(captured.pool_idle_bytes for captured in _captures)
+
+
+def peak_memory_allocated() -> int:
+    """`torch.cuda.max_memory_allocated()` with the graph pools' memory (`graph_pool_bytes`):
+    the peak a run's memory figures report (conservatively: the pools' memory is added to a
+    peak that may have come before the capture)."""
+    return torch.cuda.max_memory_allocated() + graph_pool_bytes()
 
 
 class NotGraphable(Exception):
@@ -112,6 +130,17 @@ def call_signature(function: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | No
             described.append(leaf)
     autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
     return (call[0], type(call[1]), repr(spec), tuple(described), autocast)
+
+
+def _difference(captured: tuple[Any, ...], other: tuple[Any, ...]) -> str:
+    """What a call's signature has other than the captured one, in words."""
+    if captured[:3] != other[:3]:
+        return "another layer or other keyword arguments"
+    if captured[3][0] != other[3][0]:
+        return f"hidden states {other[3][0][0]}"
+    if captured[3] != other[3]:
+        return "other keyword values or shapes"
+    return "another autocast state"
 
 
 class _Replay(torch.autograd.Function):
@@ -195,6 +224,12 @@ class CapturedLayer:
                 self.grad_hidden = grads[0]
                 self.flat_grads = torch.cat([grad.reshape(-1) for grad in grads[1:]]) if len(grads) > 1 else None
         self.output = output.detach()
+        pool_id = tuple(pool)
+        self.pool_idle_bytes = sum(
+            segment["total_size"] - segment["allocated_size"]
+            for segment in torch.cuda.memory_snapshot() if tuple(segment.get("segment_pool_id", ())) == pool_id
+        )
+        _captures.add(self)
 
     def load(self, sources: list[list[torch.Tensor]], keywords: list[Any], hidden: torch.Tensor) -> None:
         """Copy a layer's tensors (`by_dtype(layer_tensors(layer))`) and its call's inputs into the
@@ -220,7 +255,7 @@ class LayerGraphs:
         self.captured: CapturedLayer | None = None
         self.off: str | None = None  # why no graph serves this run
         self.replays = 0
-        self.calls_of_other_shapes = 0
+        self.calls_of_other_shapes: collections.Counter[str] = collections.Counter()  # by what differed
         self._report = report
         self._seen: set[tuple[Any, int]] = set()
         self._layers: weakref.WeakKeyDictionary[torch.nn.Module, tuple[list[list[torch.Tensor]], list[torch.nn.Parameter]]] = (
@@ -258,7 +293,7 @@ class LayerGraphs:
             self._report(f"CUDA graphs: captured {type(layer).__name__}'s forward and backward for "
                          f"hidden states {tuple(args[0].shape)}; every layer replays them")
         if signature != self.captured.signature:
-            self.calls_of_other_shapes += 1
+            self.calls_of_other_shapes[_difference(self.captured.signature, signature)] += 1
             return function
         if layer not in self._layers:
             # Cached: training updates these tensors in place, and the copies read them as they are.
@@ -277,7 +312,11 @@ class LayerGraphs:
             return f"CUDA graphs off ({self.off})"
         if self.captured is None:
             return "CUDA graphs: no layer call repeated its shape, none captured"
-        return f"CUDA graphs: {self.replays} layer calls replayed, {self.calls_of_other_shapes} of other shapes ran as they are"
+        other = sum(self.calls_of_other_shapes.values())
+        why = "; ".join(f"{count} with {what}" for what, count in self.calls_of_other_shapes.most_common(3))
+        return (f"CUDA graphs: {self.replays} layer calls replayed, {other} ran as they are{f' ({why})' if why else ''}; "
+                f"graph memory {graph_pool_bytes() / 2**30:.2f} GiB beyond its live tensors")
 
 
-__all__ = ["CapturedLayer", "LayerGraphs", "NotGraphable", "by_dtype", "call_signature", "layer_call", "layer_tensors", "not_graphable"]
+__all__ = ["CapturedLayer", "LayerGraphs", "NotGraphable", "by_dtype", "call_signature", "graph_pool_bytes", "layer_call", "layer_tensors",
+           "not_graphable", "peak_memory_allocated"]

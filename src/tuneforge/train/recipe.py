@@ -83,6 +83,7 @@ from tuneforge.train.distributed import (
     verify_export,
 )
 from tuneforge.train.eval_callback import EvalTasksCallback
+from tuneforge.train.layer_graphs import peak_memory_allocated
 from tuneforge.train.preemption import install_preemption_handlers, raise_if_preempted
 from tuneforge.train.preference import (
     build_preference_trainer,
@@ -414,7 +415,7 @@ def _fit(trainer: Trainer, resume: str | None, has_eval: bool) -> dict[str, Any]
     raise_if_preempted(trainer)  # before the final evaluation: the grace period is short
     return {
         "train_seconds": time.perf_counter() - started,
-        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        "peak_gpu_memory_gib": peak_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         "train_loss": output.training_loss,
         "eval_loss_before": eval_before,
         "eval_loss_after": trainer.evaluate()["eval_loss"] if has_eval else None,
