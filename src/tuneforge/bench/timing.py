@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from tuneforge.train.layer_graphs import peak_memory_allocated
+from tuneforge.train.layer_graphs import peak_memory_allocated, reset_peak_memory
 
 GIB = 2**30
 
@@ -41,7 +41,7 @@ class StepTimer(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
+            reset_peak_memory()
         _sync()
         self._train_started = time.perf_counter()
 

@@ -37,6 +37,7 @@ from tuneforge.methods.fused_lora import backward_follows
 
 
 _captures: weakref.WeakSet[CapturedLayer] = weakref.WeakSet()
+_peak_before_capture = 0  # bytes: `torch.cuda.max_memory_allocated()` when the last capture ended
 
 
 def graph_pool_bytes() -> int:
@@ -47,10 +48,23 @@ def graph_pool_bytes() -> int:
 
 
 def peak_memory_allocated() -> int:
-    """`torch.cuda.max_memory_allocated()` with the graph pools' memory (`graph_pool_bytes`):
-    the peak a run's memory figures report (conservatively: the pools' memory is added to a
-    peak that may have come before the capture)."""
-    return torch.cuda.max_memory_allocated() + graph_pool_bytes()
+    """`torch.cuda.max_memory_allocated()` with the graph pools' memory (`graph_pool_bytes`) from
+    the capture on: the peak a run's memory figures report. A capture restarts the allocator's
+    peak count (`capture_ended`), so the pools are added to the peaks that ran beside them."""
+    return max(_peak_before_capture, torch.cuda.max_memory_allocated() + graph_pool_bytes())
+
+
+def reset_peak_memory() -> None:
+    """Restart the count `peak_memory_allocated` reports (a run's start)."""
+    global _peak_before_capture
+    _peak_before_capture = 0
+    torch.cuda.reset_peak_memory_stats()
+
+
+def _capture_ended() -> None:
+    global _peak_before_capture
+    _peak_before_capture = max(_peak_before_capture, torch.cuda.max_memory_allocated() + graph_pool_bytes())
+    torch.cuda.reset_peak_memory_stats()
 
 
 class NotGraphable(Exception):
@@ -229,6 +243,7 @@ class CapturedLayer:
             segment["total_size"] - segment["allocated_size"]
             for segment in torch.cuda.memory_snapshot() if tuple(segment.get("segment_pool_id", ())) == pool_id
         )
+        _capture_ended()  # before this capture's pool counts: the peak so far ran without it
         _captures.add(self)
 
     def load(self, sources: list[list[torch.Tensor]], keywords: list[Any], hidden: torch.Tensor) -> None:
@@ -319,4 +334,4 @@ class LayerGraphs:
 
 
 __all__ = ["CapturedLayer", "LayerGraphs", "NotGraphable", "by_dtype", "call_signature", "graph_pool_bytes", "layer_call", "layer_tensors",
-           "not_graphable", "peak_memory_allocated"]
+           "not_graphable", "peak_memory_allocated", "reset_peak_memory"]

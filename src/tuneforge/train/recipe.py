@@ -83,7 +83,7 @@ from tuneforge.train.distributed import (
     verify_export,
 )
 from tuneforge.train.eval_callback import EvalTasksCallback
-from tuneforge.train.layer_graphs import peak_memory_allocated
+from tuneforge.train.layer_graphs import peak_memory_allocated, reset_peak_memory
 from tuneforge.train.preemption import install_preemption_handlers, raise_if_preempted
 from tuneforge.train.preference import (
     build_preference_trainer,
@@ -407,7 +407,7 @@ def _fit(trainer: Trainer, resume: str | None, has_eval: bool) -> dict[str, Any]
             eval_before = trainer.evaluate()["eval_loss"]
             _say(f"eval loss before training: {eval_before:.4f}")
     if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+        reset_peak_memory()
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume)
     if at_begin is not None:
