@@ -642,25 +642,16 @@ class SpeedConfig(Section):
     )
     cuda_graphs: bool | Literal["auto"] = Field(
         "auto",
-        description="Replay each recomputed decoder layer's forward and backward from CUDA graphs: one "
-        "layer's call is captured once (in the second step) on a copy of the layer, and every layer "
-        "replays it after its weights are copied in, so the GPU no longer waits for Python to launch "
-        "each small kernel. For layers recomputed by re-entrant checkpointing (speed.activations "
-        "recompute or offload), one GPU or DDP, no dropout; batches of the captured shape only (calls "
-        "of other shapes run as they are, so it pays when every batch has one shape, such as rows of "
-        "data.max_length tokens). The graphs hold one layer's activations and a copy of its weights. "
-        "auto: on a CUDA GPU for a 4-bit model whose every layer is recomputed; off otherwise. "
-        "Not with speed.compile: true.",
+        description="Replay each recomputed decoder layer's forward and backward from CUDA graphs: a "
+        "layer's call is captured on a copy of the layer, and every layer replays it after its weights "
+        "are copied in, so the GPU no longer waits for Python to launch each small kernel. For layers "
+        "recomputed by re-entrant checkpointing (speed.activations recompute or offload), one GPU or DDP, "
+        "no dropout. Each call shape (rows' length, a padding mask) is captured when first seen, up to 4; "
+        "further shapes run as they are, so it pays when batches have few shapes, such as rows of "
+        "data.max_length tokens. The graphs hold one layer's activations and a copy of its weights. With "
+        "speed.compile: true they hold the compiled layers' kernels. auto: on a CUDA GPU for a 4-bit "
+        "model whose every layer is recomputed; off otherwise.",
     )
-
-    @model_validator(mode="after")
-    def _one_of_compile_and_graphs(self) -> SpeedConfig:
-        if self.compile is True and self.cuda_graphs is True:
-            raise ValueError(
-                "speed.compile and speed.cuda_graphs both take over the decoder layers' calls: "
-                "set one of them (CUDA graphs replay eager layers)"
-            )
-        return self
 
 
 class GuardsConfig(Section):

@@ -127,11 +127,12 @@ def _reentrant_recomputation() -> bool:
     """Whether this forward is a re-entrant checkpoint's recomputation (what tuneforge uses where
     it is exact, `train/speed.py`) or under `backward_follows`: the backward of the graph it builds
     runs next. A non-re-entrant recomputation only refills the first forward's saved tensors, so
-    what its `ctx` kept would go unused. Not traced under `torch.compile`."""
-    if _backward_follows:
-        return True
+    what its `ctx` kept would go unused. Not traced under `torch.compile` (whose partitioner
+    decides what a compiled layer keeps)."""
     if torch.compiler.is_compiling():
         return False
+    if _backward_follows:
+        return True
     node = torch._C._current_autograd_node()  # the backward node running now, if any
     return node is not None and type(node).__name__ == "CheckpointFunctionBackward"
 

@@ -280,7 +280,7 @@ def plan_config(config: Config, options: PlanOptions | None = None) -> Plan:
     recompute_every, offload = _activation_policy(config, estimate, gpu_memory)
     activations = "offload" if offload else "recompute" if recompute_every else "keep"
     graphed = activations != "keep" and resolve_cuda_graphs(
-        config.speed.cuda_graphs if config.speed.compile is not True else False, four_bit=quantization == "4bit",
+        config.speed.cuda_graphs, four_bit=quantization == "4bit",
         activations=activations, recompute_every=recompute_every, strategy=strategy.name, cuda=True,
     )
     compiled = resolve_compile(

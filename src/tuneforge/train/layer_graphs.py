@@ -12,9 +12,10 @@ on an 8B 4-bit model.
 The graphs keep what the forward saves for the backward in their own memory, so they serve only
 layers recomputed by re-entrant checkpointing (`train/speed.py::_LayerCheckpoint`), whose
 recomputation is followed at once by its backward; the first forward, without gradients, replays
-the same forward graph. One call shape is captured: the first a layer is called with twice (in its
-second step). Calls of other shapes, and layers a graph cannot replay (dropout draws new random
-numbers each call; accelerate's hooks move weights), run as they are.
+the same forward graph. Each call shape (hidden states, keyword tensors such as a padding mask)
+is captured when first seen, up to a limit, all in one memory pool; calls of further shapes, and
+layers a graph cannot replay (dropout draws new random numbers each call; accelerate's hooks move
+weights), run as they are. A compiled layer's graphs hold inductor's kernels.
 
     graphs = LayerGraphs()
     function = graphs.wrap(function, args)   # a layer's checkpointed call, as transformers gives it
@@ -36,7 +37,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from tuneforge.methods.fused_lora import backward_follows
 
 
-_captures: weakref.WeakSet[CapturedLayer] = weakref.WeakSet()
+_templates: weakref.WeakSet[_Template] = weakref.WeakSet()
 _peak_before_capture = 0  # bytes: `torch.cuda.max_memory_allocated()` when the last capture ended
 
 
@@ -44,7 +45,7 @@ def graph_pool_bytes() -> int:
     """GPU memory the captured layers' graph pools hold beyond their live tensors: what their
     replays write (activations, dequantized weights) and `torch.cuda.memory_allocated` does not
     count, though no other tensor can use it."""
-    return sum(captured.pool_idle_bytes for captured in _captures)
+    return sum(template.idle_bytes for template in _templates)
 
 
 def peak_memory_allocated() -> int:
@@ -147,7 +148,7 @@ def call_signature(function: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | No
 
 
 def _difference(captured: tuple[Any, ...], other: tuple[Any, ...]) -> str:
-    """What a call's signature has other than the captured one, in words."""
+    """What a call's signature has other than the first captured one, in words."""
     if captured[:3] != other[:3]:
         return "another layer or other keyword arguments"
     if captured[3][0] != other[3][0]:
@@ -186,21 +187,41 @@ class _Replay(torch.autograd.Function):
         return (None, None, None, grad_hidden, *grads)
 
 
-class CapturedLayer:
-    """One layer call's forward and backward, captured as CUDA graphs on a copy of the layer."""
+class _Template:
+    """The copy of a layer that graphs are captured on, shared by every captured call shape, with
+    the memory pool they share (replays never overlap: a layer's recomputation and backward run
+    back to back). A compiled layer's copy is compiled too, so the graphs hold inductor's kernels."""
 
-    def __init__(self, function: Any, hidden: torch.Tensor, signature: tuple[Any, ...],
-                 memo: dict[int, Any]) -> None:
-        call, layer = layer_call(function)
-        self.signature = signature
-        self.template = copy.deepcopy(layer, memo)
-        tensors, sources = layer_tensors(self.template), layer_tensors(layer)
+    def __init__(self, layer: torch.nn.Module, graphs: LayerGraphs) -> None:
+        memo: dict[int, Any] = {id(graphs): graphs}
+        compiled = getattr(layer, "_compiled_call_impl", None)
+        if compiled is not None:
+            memo[id(compiled)] = None  # compiled afresh below: the original's is bound to the layer
+        self.layer = copy.deepcopy(layer, memo)
+        self.layer.gradient_checkpointing = False  # called directly: its call is what is captured
+        if compiled is not None:
+            self.layer.compile()
+        tensors, sources = layer_tensors(self.layer), layer_tensors(layer)
         if [(t.shape, t.dtype) for t in sources] != [(t.shape, t.dtype) for t in tensors]:
             raise NotGraphable(f"a copy of {type(layer).__name__} holds other tensors than the layer")
         self.tensors = by_dtype(tensors)
-        self.trainable = [parameter for parameter in self.template.parameters() if parameter.requires_grad]
+        self.trainable = [parameter for parameter in self.layer.parameters() if parameter.requires_grad]
         if len({parameter.dtype for parameter in self.trainable}) > 1:
             raise NotGraphable("its trainable tensors have several dtypes")
+        self.memory = torch.cuda.MemPool()
+        self.idle_bytes = 0  # of the pool: see `graph_pool_bytes`
+
+    def load(self, sources: list[list[torch.Tensor]]) -> None:
+        """Copy a layer's tensors (`by_dtype(layer_tensors(layer))`) into the copy's."""
+        for tensors, group in zip(self.tensors, sources, strict=True):
+            torch._foreach_copy_(tensors, group)
+
+
+class CapturedLayer:
+    """One layer call's forward and backward, captured as CUDA graphs on the template."""
+
+    def __init__(self, template: _Template, function: Any, hidden: torch.Tensor, signature: tuple[Any, ...]) -> None:
+        self.template, self.signature = template, signature
         leaves, spec = tree_flatten(function.keywords)
         self.keywords = [leaf.detach().clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
         self._loaded: list[tuple[weakref.ref[torch.Tensor], int] | None] = [None] * len(leaves)
@@ -208,12 +229,12 @@ class CapturedLayer:
         keywords = tree_unflatten(self.keywords, spec)
 
         def run() -> torch.Tensor:
-            output = call(self.template, self.hidden, **keywords)
+            output = template.layer(self.hidden, **keywords)
             if not isinstance(output, torch.Tensor):
-                raise NotGraphable(f"{type(layer).__name__} returns {type(output).__name__}, not a tensor")
+                raise NotGraphable(f"{type(template.layer).__name__} returns {type(output).__name__}, not a tensor")
             return output
 
-        inputs = [self.hidden, *self.trainable]
+        inputs = [self.hidden, *template.trainable]
         autocast = torch.autocast(  # the caller's autocast, without its cache of cast weights
             "cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False
         )
@@ -227,7 +248,7 @@ class CapturedLayer:
                     torch.autograd.grad(output, inputs, torch.ones_like(output))
             torch.cuda.current_stream().wait_stream(side)
             del output
-            pool = torch.cuda.graph_pool_handle()
+            pool = template.memory.id
             self.forward_graph, self.backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
             # thread_local: a data-loader thread pinning memory meanwhile does not void the capture.
             with torch.cuda.graph(self.forward_graph, pool=pool, capture_error_mode="thread_local"):
@@ -238,21 +259,18 @@ class CapturedLayer:
                 self.grad_hidden = grads[0]
                 self.flat_grads = torch.cat([grad.reshape(-1) for grad in grads[1:]]) if len(grads) > 1 else None
         self.output = output.detach()
-        pool_id = tuple(pool)
-        self.pool_idle_bytes = sum(
+        _capture_ended()  # before this capture's memory counts: the peak so far ran without it
+        template.idle_bytes = sum(
             segment["total_size"] - segment["allocated_size"]
-            for segment in torch.cuda.memory_snapshot() if tuple(segment.get("segment_pool_id", ())) == pool_id
+            for segment in torch.cuda.memory_snapshot() if tuple(segment.get("segment_pool_id", ())) == tuple(pool)
         )
-        _capture_ended()  # before this capture's pool counts: the peak so far ran without it
-        _captures.add(self)
+        _templates.add(template)
 
     def load(self, sources: list[list[torch.Tensor]], keywords: list[Any], hidden: torch.Tensor) -> None:
-        """Copy a layer's tensors (`by_dtype(layer_tensors(layer))`) and its call's inputs into the
-        template's (keyword tensors only when they changed: every layer of a step reads the same
-        position embeddings)."""
+        """Copy a layer's tensors and its call's inputs into the template's (keyword tensors only
+        when they changed: every layer of a step reads the same position embeddings)."""
         with torch.no_grad():
-            for tensors, group in zip(self.tensors, sources, strict=True):
-                torch._foreach_copy_(tensors, group)
+            self.template.load(sources)
             self.hidden.copy_(hidden)
             for slot, (static, source) in enumerate(zip(self.keywords, keywords, strict=True)):
                 if not isinstance(source, torch.Tensor):
@@ -264,15 +282,18 @@ class CapturedLayer:
 
 
 class LayerGraphs:
-    """The model's captured layer call, shared by the checkpoint functions of all its layers."""
+    """The model's captured layer calls, shared by the checkpoint functions of all its layers: one
+    capture for each call shape, up to `limit` (rows padded to each batch's longest would capture
+    one for every length); calls of further shapes run as they are."""
 
-    def __init__(self, report: Callable[[str], None] = print) -> None:
-        self.captured: CapturedLayer | None = None
+    def __init__(self, report: Callable[[str], None] = print, limit: int = 4) -> None:
+        self.captures: dict[tuple[Any, ...], CapturedLayer] = {}
+        self.limit = limit
         self.off: str | None = None  # why no graph serves this run
         self.replays = 0
         self.calls_of_other_shapes: collections.Counter[str] = collections.Counter()  # by what differed
         self._report = report
-        self._seen: set[tuple[Any, int]] = set()
+        self._template: _Template | None = None
         self._layers: weakref.WeakKeyDictionary[torch.nn.Module, tuple[list[list[torch.Tensor]], list[torch.nn.Parameter]]] = (
             weakref.WeakKeyDictionary()
         )
@@ -281,8 +302,8 @@ class LayerGraphs:
         return self  # a copied layer (the template) shares its original's graphs
 
     def wrap(self, function: Any, args: tuple[Any, ...]) -> Any:
-        """`function`, a layer's call as transformers checkpoints it, as a replay of the captured
-        graphs where it matches them (capturing them on a call's second sighting); else itself."""
+        """`function`, a layer's call as transformers checkpoints it, as a replay of the graphs
+        captured for its shape (captured now for a new shape, within `limit`); else itself."""
         if self.off is not None:
             return function
         signature = call_signature(function, args)
@@ -291,30 +312,31 @@ class LayerGraphs:
         ):
             return function
         layer = layer_call(function)[1]
-        if self.captured is None:
-            key = (signature, id(layer))
-            if key not in self._seen:
-                self._seen.add(key)
+        captured = self.captures.get(signature)
+        if captured is None:
+            if len(self.captures) >= self.limit:
+                self.calls_of_other_shapes[_difference(next(iter(self.captures)), signature)] += 1
                 return function
-            why = not_graphable(layer)
             try:
+                why = not_graphable(layer)
                 if why is not None:
                     raise NotGraphable(why)
-                self.captured = CapturedLayer(function, args[0], signature, {id(self): self})
+                if self._template is None:
+                    self._template = _Template(layer, self)
+                captured = self.captures[signature] = CapturedLayer(self._template, function, args[0], signature)
             except (NotGraphable, RuntimeError) as error:  # the layers run as they are
                 self.off = str(error).splitlines()[0]
                 self._report(f"CUDA graphs off: {self.off}")
                 return function
-            self._report(f"CUDA graphs: captured {type(layer).__name__}'s forward and backward for "
-                         f"hidden states {tuple(args[0].shape)}; every layer replays them")
-        if signature != self.captured.signature:
-            self.calls_of_other_shapes[_difference(self.captured.signature, signature)] += 1
-            return function
+            compiled = " (compiled)" if getattr(layer, "_compiled_call_impl", None) is not None else ""
+            self._report(f"CUDA graphs: captured {type(layer).__name__}'s forward and backward{compiled} for hidden "
+                         f"states {tuple(args[0].shape)}{f' ({_difference(next(iter(self.captures)), signature)})' if len(self.captures) > 1 else ''}; "
+                         "every layer replays them")
         if layer not in self._layers:
             # Cached: training updates these tensors in place, and the copies read them as they are.
             self._layers[layer] = (by_dtype(layer_tensors(layer)), [p for p in layer.parameters() if p.requires_grad])
         sources, trainable = self._layers[layer]
-        keywords, captured = tree_flatten(function.keywords)[0], self.captured
+        keywords = tree_flatten(function.keywords)[0]
         self.replays += 1
 
         def replay(hidden: torch.Tensor) -> torch.Tensor:
@@ -325,12 +347,13 @@ class LayerGraphs:
     def describe(self) -> str:
         if self.off is not None:
             return f"CUDA graphs off ({self.off})"
-        if self.captured is None:
-            return "CUDA graphs: no layer call repeated its shape, none captured"
+        if not self.captures:
+            return "CUDA graphs: no layer call captured"
         other = sum(self.calls_of_other_shapes.values())
         why = "; ".join(f"{count} with {what}" for what, count in self.calls_of_other_shapes.most_common(3))
-        return (f"CUDA graphs: {self.replays} layer calls replayed, {other} ran as they are{f' ({why})' if why else ''}; "
-                f"graph memory {graph_pool_bytes() / 2**30:.2f} GiB beyond its live tensors")
+        return (f"CUDA graphs: {len(self.captures)} call shape(s) captured, {self.replays} layer calls replayed, "
+                f"{other} ran as they are{f' ({why})' if why else ''}; graph memory {graph_pool_bytes() / 2**30:.2f} GiB "
+                "beyond its live tensors")
 
 
 __all__ = ["CapturedLayer", "LayerGraphs", "NotGraphable", "by_dtype", "call_signature", "graph_pool_bytes", "layer_call", "layer_tensors",

@@ -233,7 +233,7 @@ def plan_speed(
         plan.reason = f"{reason} in {budget / GIB:.1f} GiB"
     four_bit = bool(getattr(model, "is_loaded_in_4bit", False))
     plan.graphed = resolve_cuda_graphs(
-        speed.cuda_graphs if speed.compile is not True else False, four_bit=four_bit, activations=plan.activations,
+        speed.cuda_graphs, four_bit=four_bit, activations=plan.activations,
         recompute_every=plan.recompute_every, strategy=sharding[0].name, cuda=cuda,
     )
     compiled = resolve_compile(
