@@ -273,11 +273,11 @@ def test_the_plan_compiles_a_4bit_model_whose_every_layer_is_recomputed(tmp_path
     def plan(**speed):
         return plan_config(load_config({**settings, "speed": speed}), PlanOptions(tokens=1000))
 
-    graphed = plan(activations="offload")
-    assert graphed.setup["graphed"] and not graphed.setup["compiled"] and "CUDA graphs, activations offloaded" in graphed.table()
-    offloaded = plan(activations="offload", cuda_graphs=False)
+    offloaded = plan(activations="offload")
     assert offloaded.setup["compiled"] and "layers compiled, activations offloaded" in offloaded.table()
-    kept, eager = plan(activations="keep"), plan(activations="offload", compile=False, cuda_graphs=False)
+    graphed = plan(activations="offload", cuda_graphs=True)
+    assert graphed.setup["graphed"] and not graphed.setup["compiled"] and "CUDA graphs, activations offloaded" in graphed.table()
+    kept, eager = plan(activations="keep"), plan(activations="offload", compile=False)
     assert not kept.setup["compiled"] and not eager.setup["compiled"]
     assert "layers compiled" not in eager.table()
     assert offloaded.estimate.per_layer > eager.estimate.per_layer  # the dequantized weights a compiled layer keeps

@@ -266,7 +266,7 @@ def test_compile_auto_is_for_4bit_models_whose_every_layer_is_recomputed_on_one_
     assert resolve_compile(True, **{**qlora, "four_bit": False, "activations": "keep"})
 
 
-def test_the_speed_plan_graphs_or_compiles_an_offloaded_4bit_model_on_a_gpu(tiny_model_dir, monkeypatch):
+def test_the_speed_plan_compiles_an_offloaded_4bit_model_on_a_gpu_with_triton(tiny_model_dir, monkeypatch):
     import importlib.util
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16)
@@ -282,25 +282,22 @@ def test_the_speed_plan_graphs_or_compiles_an_offloaded_4bit_model_on_a_gpu(tiny
         monkeypatch.setattr(importlib.util, "find_spec", triton_or_not)
         return plan_speed(SpeedConfig(**speed_settings), train_section, model, tokens_per_micro_batch=64, device=device)
 
-    eager = planned("cuda", triton=True, activations="offload", compile=False, cuda_graphs=False)
-    compiled = planned("cuda", triton=True, activations="offload", cuda_graphs=False)
-    assert compiled.compiled and not eager.compiled
+    eager = planned("cuda", triton=True, activations="offload", compile=False)
+    compiled = planned("cuda", triton=True, activations="offload")
+    assert compiled.compiled and not eager.compiled and not compiled.graphed
     assert compiled.estimate.per_layer > eager.estimate.per_layer  # re-estimated for compiled layers
-    assert not planned("cuda", triton=False, activations="offload", cuda_graphs=False).compiled
+    assert not planned("cuda", triton=False, activations="offload").compiled
     assert not planned("cpu", triton=True, activations="offload").compiled
     assert not planned("cuda", triton=True, activations="keep").compiled
-    # The default: the layers replay CUDA graphs, captured eager; compile: true keeps compiling.
-    graphed = planned("cuda", triton=True, activations="offload")
+    # CUDA graphs replay eager layers: compile auto stays off under them.
+    graphed = planned("cuda", triton=True, activations="offload", cuda_graphs=True)
     assert graphed.graphed and not graphed.compiled and "recomputed layers replay CUDA graphs" in graphed.describe()
-    both = planned("cuda", triton=True, activations="offload", compile=True)
-    assert both.compiled and both.graphed  # the graphs capture the compiled layers
-    assert not planned("cpu", triton=True, activations="offload").graphed
     with pytest.raises(ConfigError, match="speed.cuda_graphs replays recomputed decoder layers"):
         planned("cuda", triton=True, activations="keep", cuda_graphs=True)
     # A model whose config names no transformer shape has no estimate to redo.
     model = torch.nn.Linear(4, 4)
     model.is_loaded_in_4bit = True
-    shapeless = planned("cuda", triton=True, activations="offload", cuda_graphs=False)
+    shapeless = planned("cuda", triton=True, activations="offload")
     assert shapeless.compiled and shapeless.estimate is None
 
 

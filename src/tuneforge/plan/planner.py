@@ -279,10 +279,7 @@ def plan_config(config: Config, options: PlanOptions | None = None) -> Plan:
     estimate = estimate_for(config.speed.compile is True)
     recompute_every, offload = _activation_policy(config, estimate, gpu_memory)
     activations = "offload" if offload else "recompute" if recompute_every else "keep"
-    graphed = activations != "keep" and resolve_cuda_graphs(
-        config.speed.cuda_graphs, four_bit=quantization == "4bit",
-        activations=activations, recompute_every=recompute_every, strategy=strategy.name, cuda=True,
-    )
+    graphed = activations != "keep" and resolve_cuda_graphs(config.speed.cuda_graphs, activations=activations, cuda=True)
     compiled = resolve_compile(
         config.speed.compile, four_bit=quantization == "4bit", activations=activations,
         recompute_every=recompute_every, strategy=strategy.name, triton_gpu=True, graphed=graphed,

@@ -6,8 +6,10 @@ of a 586 ms step eager, 97 of 469 with compiled layers (docs/benchmarks.md). A C
 a recorded sequence of kernels with one launch. The decoder layers of a model share their code
 and shapes, so one layer's forward and backward are captured once, on a copy of the layer (the
 template), and every layer replays them after its own tensors (weights, 4-bit quantization
-statistics, adapters) are copied into the template's: one `torch._foreach_copy_`, 0.1 GB a layer
-on an 8B 4-bit model.
+statistics, adapters) are copied into the template's: one `torch._foreach_copy_` a dtype, 0.1 GB
+a layer on an 8B 4-bit model. Measured on one H200 (docs/benchmarks.md): the GPU's wait fell to
+31 ms of a 409 ms step, and the step ran as fast as compiled layers' (about 10,000 tokens/s), with
+no compile time but a memory pool about 1 GiB larger than what compiled layers keep.
 
 The graphs keep what the forward saves for the backward in their own memory, so they serve only
 layers recomputed by re-entrant checkpointing (`train/speed.py::_LayerCheckpoint`), whose
@@ -15,7 +17,7 @@ recomputation is followed at once by its backward; the first forward, without gr
 the same forward graph. Each call shape (hidden states, keyword tensors such as a padding mask)
 is captured when first seen, up to a limit, all in one memory pool; calls of further shapes, and
 layers a graph cannot replay (dropout draws new random numbers each call; accelerate's hooks move
-weights), run as they are. A compiled layer's graphs hold inductor's kernels.
+weights), run as they are.
 
     graphs = LayerGraphs()
     function = graphs.wrap(function, args)   # a layer's checkpointed call, as transformers gives it
@@ -190,17 +192,14 @@ class _Replay(torch.autograd.Function):
 class _Template:
     """The copy of a layer that graphs are captured on, shared by every captured call shape, with
     the memory pool they share (replays never overlap: a layer's recomputation and backward run
-    back to back). A compiled layer's copy is compiled too, so the graphs hold inductor's kernels."""
+    back to back)."""
 
     def __init__(self, layer: torch.nn.Module, graphs: LayerGraphs) -> None:
-        memo: dict[int, Any] = {id(graphs): graphs}
-        compiled = getattr(layer, "_compiled_call_impl", None)
-        if compiled is not None:
-            memo[id(compiled)] = None  # compiled afresh below: the original's is bound to the layer
-        self.layer = copy.deepcopy(layer, memo)
+        if getattr(layer, "_compiled_call_impl", None) is not None:
+            # Measured: graphs of compiled layers ran no faster, and held more memory (docs/benchmarks.md).
+            raise NotGraphable(f"{type(layer).__name__} is compiled; CUDA graphs replay eager layers")
+        self.layer = copy.deepcopy(layer, {id(graphs): graphs})
         self.layer.gradient_checkpointing = False  # called directly: its call is what is captured
-        if compiled is not None:
-            self.layer.compile()
         tensors, sources = layer_tensors(self.layer), layer_tensors(layer)
         if [(t.shape, t.dtype) for t in sources] != [(t.shape, t.dtype) for t in tensors]:
             raise NotGraphable(f"a copy of {type(layer).__name__} holds other tensors than the layer")
@@ -328,8 +327,7 @@ class LayerGraphs:
                 self.off = str(error).splitlines()[0]
                 self._report(f"CUDA graphs off: {self.off}")
                 return function
-            compiled = " (compiled)" if getattr(layer, "_compiled_call_impl", None) is not None else ""
-            self._report(f"CUDA graphs: captured {type(layer).__name__}'s forward and backward{compiled} for hidden "
+            self._report(f"CUDA graphs: captured {type(layer).__name__}'s forward and backward for hidden "
                          f"states {tuple(args[0].shape)}{f' ({_difference(next(iter(self.captures)), signature)})' if len(self.captures) > 1 else ''}; "
                          "every layer replays them")
         if layer not in self._layers:

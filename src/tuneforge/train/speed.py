@@ -151,25 +151,19 @@ def _recomputes_every_layer(activations: str, recompute_every: int) -> bool:
     return activations == "offload" or (activations == "recompute" and recompute_every == 1)
 
 
-def resolve_cuda_graphs(setting: bool | str, *, four_bit: bool, activations: str, recompute_every: int, strategy: str, cuda: bool) -> bool:
-    """Whether recomputed decoder layers replay CUDA graphs (`train/layer_graphs.py`). `auto`: for a
-    4-bit model with every layer recomputed, one GPU or DDP, on CUDA, where the eager step leaves the
-    GPU waiting for Python between small kernels (docs/benchmarks.md).
+def resolve_cuda_graphs(setting: bool, *, activations: str, cuda: bool) -> bool:
+    """Whether recomputed decoder layers replay CUDA graphs (`train/layer_graphs.py`).
 
     Raises:
         ConfigError: `speed.cuda_graphs: true` where no layer is recomputed, or off CUDA.
     """
-    if setting is True:
-        if activations == "keep" or not cuda:
-            raise ConfigError(
-                "speed.cuda_graphs replays recomputed decoder layers on a CUDA GPU; "
-                + ("this run keeps every layer's activations" if cuda else "this run has no CUDA GPU"),
-                where="speed.cuda_graphs", hint="set speed.activations: recompute or offload, or cuda_graphs: auto",
-            )
-        return True
-    if setting is False:
-        return False
-    return four_bit and _recomputes_every_layer(activations, recompute_every) and strategy == "ddp" and cuda
+    if setting and (activations == "keep" or not cuda):
+        raise ConfigError(
+            "speed.cuda_graphs replays recomputed decoder layers on a CUDA GPU; "
+            + ("this run keeps every layer's activations" if cuda else "this run has no CUDA GPU"),
+            where="speed.cuda_graphs", hint="set speed.activations: recompute or offload, or cuda_graphs: false",
+        )
+    return setting
 
 
 def resolve_compile(setting: bool | str, *, four_bit: bool, activations: str, recompute_every: int, strategy: str, triton_gpu: bool,
@@ -181,7 +175,7 @@ def resolve_compile(setting: bool | str, *, four_bit: bool, activations: str, re
     activations keep their dequantized weights too, and ran slower; 16-bit LoRA gained nothing.
     Only on a GPU inductor generates Triton kernels for (`triton_gpu`), with DDP or one GPU (a
     sharding engine hooks into each layer). Not where the layers replay CUDA graphs (`graphed`),
-    which capture them eager."""
+    which capture them eager: replayed, the eager layers ran as fast on an H200."""
     if setting != "auto":
         return bool(setting)
     return four_bit and _recomputes_every_layer(activations, recompute_every) and strategy == "ddp" and triton_gpu and not graphed
@@ -232,10 +226,7 @@ def plan_speed(
         plan.activations, plan.recompute_every, reason, plan.estimate_gib = plan_activations(plan.estimate, budget)
         plan.reason = f"{reason} in {budget / GIB:.1f} GiB"
     four_bit = bool(getattr(model, "is_loaded_in_4bit", False))
-    plan.graphed = resolve_cuda_graphs(
-        speed.cuda_graphs, four_bit=four_bit, activations=plan.activations,
-        recompute_every=plan.recompute_every, strategy=sharding[0].name, cuda=cuda,
-    )
+    plan.graphed = resolve_cuda_graphs(speed.cuda_graphs, activations=plan.activations, cuda=cuda)
     compiled = resolve_compile(
         speed.compile, four_bit=four_bit, activations=plan.activations,
         recompute_every=plan.recompute_every, strategy=sharding[0].name,
