@@ -50,23 +50,6 @@ from torch.nn.modules import module as torch_module
 from tuneforge.models.dequantize import dequantize_4bit
 
 
-@torch.library.custom_op("tuneforge::add_product_", mutates_args=("out",))
-def _add_product_op(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float) -> None:
-    out.addmm_(left, right, alpha=alpha)
-
-
-def _add_product_(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """`out += alpha * left @ right` in place, `out` a fresh matmul output. Under torch.compile
-    through an operator that declares the write: inductor turns a traced `addmm_` into an
-    out-of-place `addmm`, which copies `out` first (21 copies a layer, 15 ms of a compiled QLoRA-8B
-    step, docs/benchmarks.md), while a declared in-place write into a buffer nothing else reads
-    stays in place."""
-    if torch.compiler.is_compiling():
-        _add_product_op(out, left, right, alpha)
-        return out
-    return out.addmm_(left, right, alpha=alpha)
-
-
 class _LoraAdd(torch.autograd.Function):
     """`result + scaling * (x @ A.T) @ B.T`, computed in `result`'s dtype; with `in_place`, added
     into `result` itself (the base linear's fresh output, which nothing else keeps): an out-of-place
@@ -83,7 +66,7 @@ class _LoraAdd(torch.autograd.Function):
             x_a = x.reshape(-1, x.shape[-1]) @ a.t()
             if in_place and result.is_contiguous():
                 ctx.mark_dirty(result)
-                _add_product_(result.view(-1, result.shape[-1]), x_a, b.t(), scaling)
+                result.view(-1, result.shape[-1]).addmm_(x_a, b.t(), alpha=scaling)
                 out = result
             else:
                 # Written through a 2-D view into a tensor of the output's shape: the function must
@@ -240,7 +223,7 @@ class _FrozenLinearLora(torch.autograd.Function):
             out = torch.nn.functional.linear(x, weight, None if bias is None else bias.to(dtype))
             _weight_for_backward(ctx, weight)
             x_a = flat @ a.t()
-            _add_product_(out.view(-1, out.shape[-1]), x_a, b.t(), scaling)
+            out.view(-1, out.shape[-1]).addmm_(x_a, b.t(), alpha=scaling)
         ctx.shape = x.shape
         source = getattr(x, _NORM_SOURCE, None)  # x as the norm gave it (no cast above)
         if source is not None and ctx.needs_input_grad[3]:
@@ -264,7 +247,7 @@ class _FrozenLinearLora(torch.autograd.Function):
             g_xa = (g @ b).mul_(ctx.scaling)  # tokens x r
             grad_x = None
             if need_x:
-                grad_x = _add_product_(g @ _backward_weight(ctx, a.dtype), g_xa, a).view(ctx.shape).to(ctx.dtypes[0])
+                grad_x = (g @ _backward_weight(ctx, a.dtype)).addmm_(g_xa, a).view(ctx.shape).to(ctx.dtypes[0])
             grad_a = (g_xa.t() @ flat).to(ctx.dtypes[1]) if need_a else None
             grad_b = (g.t() @ x_a).mul_(ctx.scaling).to(ctx.dtypes[2]) if need_b else None
             grad_bias = g.sum(0).to(ctx.dtypes[3]) if need_bias else None
@@ -373,7 +356,7 @@ class _SwiGLUDownLora(torch.autograd.Function):
             weight = _frozen_weight(base, dtype)
             out = torch.nn.functional.linear(product, weight, bias)  # not a view (see above)
             _weight_for_backward(ctx, weight)
-            _add_product_(out.view(-1, out.shape[-1]), x_a, b.t(), scaling)
+            out.view(-1, out.shape[-1]).addmm_(x_a, b.t(), alpha=scaling)
         ctx.save_for_backward(gate, up, x_a, a, b)
         return out
 
@@ -382,7 +365,7 @@ class _SwiGLUDownLora(torch.autograd.Function):
         gate, up, x_a, a, b = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1]).to(a.dtype)
         g_xa = (g @ b).mul_(ctx.scaling)  # tokens x r
-        grad_product = _add_product_(g @ _backward_weight(ctx, a.dtype), g_xa, a)
+        grad_product = (g @ _backward_weight(ctx, a.dtype)).addmm_(g_xa, a)
         product = _swiglu(gate, up).reshape(-1, gate.shape[-1])  # recomputed: not kept from the forward
         grad_a = (g_xa.t() @ product).to(ctx.dtypes[0])
         grad_b = (g.t() @ x_a).mul_(ctx.scaling).to(ctx.dtypes[1])
