@@ -292,6 +292,7 @@ def test_the_speed_plan_compiles_an_offloaded_4bit_model_on_a_gpu_with_triton(ti
     # CUDA graphs replay eager layers: compile auto stays off under them.
     graphed = planned("cuda", triton=True, activations="offload", cuda_graphs=True)
     assert graphed.graphed and not graphed.compiled and "recomputed layers replay CUDA graphs" in graphed.describe()
+    assert graphed.estimate.graph_pool > 0 == eager.estimate.graph_pool  # re-estimated with the graphs' pool
     with pytest.raises(ConfigError, match="speed.cuda_graphs replays recomputed decoder layers"):
         planned("cuda", triton=True, activations="keep", cuda_graphs=True)
     # A model whose config names no transformer shape has no estimate to redo.

@@ -80,7 +80,7 @@ class Plan:
             "gradients": e.gradients / GIB,
             "optimizer": e.optimizer / GIB,
             "activations": e.activations(self.recompute_every, self.offload) / GIB,
-            "buffers_and_workspace": (e.comm_buffers + e.runtime) / GIB,
+            "buffers_and_workspace": (e.comm_buffers + e.graph_pool + e.runtime) / GIB,
             "peak_allocated": self.peak / GIB,
             "peak_with_cuda_context": (self.peak + CONTEXT_BYTES) / GIB,
             "gpu": self.gpu_memory / GIB,
@@ -268,12 +268,12 @@ def plan_config(config: Config, options: PlanOptions | None = None) -> Plan:
     gpu_memory, peak_tflops = _gpu_defaults(options)
     micro_batch = config.train.per_device_train_batch_size
 
-    def estimate_for(compiled: bool) -> MemoryEstimate:
+    def estimate_for(compiled: bool, graphed: bool = False) -> MemoryEstimate:
         return estimate_memory(
             model, micro_batch * config.data.max_length, liger=liger, quantization=quantization,
             compute_16bit=computes_in_16bit(model, config.train), optim=str(config.train.optim),
             gradient_accumulation=config.train.gradient_accumulation_steps, fp32_master=strategy.fp32_master,
-            master_copy=strategy.master_copy, compiled=compiled,
+            master_copy=strategy.master_copy, compiled=compiled, graphed=graphed,
         ).sharded(strategy, options.gpus)
 
     estimate = estimate_for(config.speed.compile is True)
@@ -284,8 +284,8 @@ def plan_config(config: Config, options: PlanOptions | None = None) -> Plan:
         config.speed.compile, four_bit=quantization == "4bit", activations=activations,
         recompute_every=recompute_every, strategy=strategy.name, triton_gpu=True, graphed=graphed,
     )
-    if compiled != (config.speed.compile is True):
-        estimate = estimate_for(compiled)
+    if compiled != (config.speed.compile is True) or graphed:
+        estimate = estimate_for(compiled, graphed)
     setup = {
         "model": config.model.path, "method": config.method.name, "quantization": quantization,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "liger": liger,

@@ -204,7 +204,7 @@ def plan_speed(
             model, tokens_per_micro_batch, liger=liger, compute_16bit=computes_in_16bit(model, train),
             optim=str(getattr(train, "optim", "adamw_torch")),
             gradient_accumulation=getattr(train, "gradient_accumulation_steps", 1), fp32_master=sharding[0].fp32_master,
-            master_copy=sharding[0].master_copy, compiled=plan.compiled,
+            master_copy=sharding[0].master_copy, compiled=plan.compiled, graphed=plan.graphed,
         ).sharded(*sharding)
 
     try:
@@ -226,14 +226,14 @@ def plan_speed(
         plan.activations, plan.recompute_every, reason, plan.estimate_gib = plan_activations(plan.estimate, budget)
         plan.reason = f"{reason} in {budget / GIB:.1f} GiB"
     four_bit = bool(getattr(model, "is_loaded_in_4bit", False))
-    plan.graphed = resolve_cuda_graphs(speed.cuda_graphs, activations=plan.activations, cuda=cuda)
+    graphed = resolve_cuda_graphs(speed.cuda_graphs, activations=plan.activations, cuda=cuda)
     compiled = resolve_compile(
         speed.compile, four_bit=four_bit, activations=plan.activations,
         recompute_every=plan.recompute_every, strategy=sharding[0].name,
-        triton_gpu=cuda and importlib.util.find_spec("triton") is not None, graphed=plan.graphed,
+        triton_gpu=cuda and importlib.util.find_spec("triton") is not None, graphed=graphed,
     )
-    if compiled != plan.compiled:
-        plan.compiled = compiled
+    if (compiled, graphed) != (plan.compiled, plan.graphed):
+        plan.compiled, plan.graphed = compiled, graphed
         if plan.estimate is not None:  # None: the model's config names no shape to estimate
             plan.estimate = estimate()
         if plan.estimate_gib is not None:
