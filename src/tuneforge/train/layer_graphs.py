@@ -53,7 +53,7 @@ def graph_pool_bytes() -> int:
 def peak_memory_allocated() -> int:
     """`torch.cuda.max_memory_allocated()` with the graph pools' memory (`graph_pool_bytes`) from
     the capture on: the peak a run's memory figures report. A capture restarts the allocator's
-    peak count (`capture_ended`), so the pools are added to the peaks that ran beside them."""
+    peak count (`_capture_ended`), so the pools are added to the peaks that ran beside them."""
     return max(_peak_before_capture, torch.cuda.max_memory_allocated() + graph_pool_bytes())
 
 
@@ -78,11 +78,11 @@ def layer_tensors(layer: torch.nn.Module) -> list[torch.Tensor]:
     """Every tensor a layer's forward reads from the layer, in a fixed order: its parameters'
     data, its buffers, and the quantization statistics of its bitsandbytes 4-bit weights."""
     tensors = [parameter.data for parameter in layer.parameters()] + list(layer.buffers())
-    states: dict[int, Any] = {}  # by identity: peft's LoRA layer shows its base's weight as its own
+    seen: set[int] = set()  # by identity: peft's LoRA layer shows its base's weight as its own
     for module in layer.modules():
         state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if state is not None and id(state) not in states:
-            states[id(state)] = state
+        if state is not None and id(state) not in seen:
+            seen.add(id(state))
             nested = getattr(state, "state2", None)
             found = [state.absmax, state.code, getattr(state, "offset", None)]
             found += [nested.absmax, nested.code] if nested is not None else []
