@@ -366,6 +366,12 @@ def test_crash_resolve_template_zero_division(tokenizer):
         resolve_template("{{0/0}}", tokenizer)
 
 
+def test_crash_load_config_empty_output_dir(valid_config):
+    """`output.dir=` would make the current directory the run directory."""
+    with pytest.raises(TuneforgeError, match="output.dir"):
+        load_config(valid_config, ["output.dir="])
+
+
 def test_crash_load_config_null_output(fuzz_dir):
     path = fuzz_dir / "null_output.yaml"
     path.write_text("0:\noutput:\n", encoding="utf-8")

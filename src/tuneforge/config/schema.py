@@ -573,7 +573,7 @@ class SamplesConfig(Section):
 
 class OutputConfig(Section):
     dir: str | None = Field(
-        None, description="Run directory; defaults to `runs/<config file name>`."
+        None, min_length=1, description="Run directory; defaults to `runs/<config file name>`."
     )
     overwrite: bool = Field(
         False, description="Allow writing into a non-empty run directory without resuming."
