@@ -370,6 +370,8 @@ def test_crash_load_config_empty_output_dir(valid_config):
     """`output.dir=` would make the current directory the run directory."""
     with pytest.raises(TuneforgeError, match="output.dir"):
         load_config(valid_config, ["output.dir="])
+    # `output.dir=#` is YAML's null (a comment): the default run directory, as when it is absent.
+    assert load_config(valid_config, ["output.dir=#"]).output.dir == "runs/valid"
 
 
 def test_crash_load_config_null_output(fuzz_dir):

@@ -242,8 +242,8 @@ def load_config(
         locations[key_path] = f"command line override '{text}'"
     if data.get("output") is None:  # absent, or `output:` with nothing under it
         data["output"] = {}
-    if isinstance(data["output"], dict):
-        data["output"].setdefault("dir", f"runs/{stem}")
+    if isinstance(data["output"], dict) and data["output"].get("dir") is None:  # absent, or null: the default
+        data["output"]["dir"] = f"runs/{stem}"
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
