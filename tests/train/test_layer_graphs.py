@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from tuneforge.config.schema import SpeedConfig
 from tuneforge.errors import ConfigError
 from tuneforge.methods.fused_lora import install_fused_lora, install_fused_lora_mlp
-from tuneforge.train.layer_graphs import LayerGraphs, call_signature, graph_pool_bytes, layer_call, layer_tensors, not_graphable
+from tuneforge.train.layer_graphs import LayerGraphs, NotGraphable, _Template, call_signature, graph_pool_bytes, layer_call, layer_tensors, not_graphable
 from tuneforge.train.speed import LayerCheckpointing, resolve_compile, resolve_cuda_graphs
 
 LLAMA = {
@@ -90,6 +90,14 @@ def test_layers_with_dropout_or_weight_moving_hooks_are_not_graphed():
     hooked = _layers(_lora_model())[0]
     hooked.mlp._hf_hook = object()
     assert "LlamaDecoderLayer.mlp has accelerate hooks" in not_graphable(hooked)
+
+
+def test_a_compiled_layer_is_not_captured():
+    """Graphs of compiled layers ran no faster and held more memory (docs/benchmarks.md)."""
+    layer = _layers(_lora_model())[0]
+    layer.compile()
+    with pytest.raises(NotGraphable, match="LlamaDecoderLayer is compiled; CUDA graphs replay eager layers"):
+        _Template(layer, LayerGraphs())
 
 
 def test_the_call_signature_tells_shapes_and_keyword_values_apart():
