@@ -152,7 +152,9 @@ def test_compile_and_cuda_graphs_are_not_both_asked_for():
 
 def test_graphs_serve_only_re_entrant_checkpointing():
     assert LayerCheckpointing(reentrant=True, offload=True, graphs=True).graphs is not None
-    assert LayerCheckpointing(reentrant=False, offload=True, graphs=True).graphs is None
+    said = []
+    assert LayerCheckpointing(reentrant=False, offload=True, graphs=True, report=said.append).graphs is None
+    assert said and said[0].startswith("CUDA graphs off: they replay re-entrant recomputation")
     assert LayerCheckpointing(reentrant=True, offload=True, graphs=False).graphs is None
 
 

@@ -302,6 +302,11 @@ def test_the_speed_plan_compiles_an_offloaded_4bit_model_on_a_gpu_with_triton(ti
     assert shapeless.compiled and shapeless.estimate is None
 
 
+def test_cuda_graphs_are_refused_where_a_sharding_engine_shards_the_weights(tmp_path, tiny_model_dir):
+    with pytest.raises(ConfigError, match="speed.cuda_graphs.*'fsdp'.*use it with ddp"):
+        train(recipe_config(tmp_path, tiny_model_dir, max_steps=1), overrides=["speed.cuda_graphs=true", "distributed.strategy=fsdp"])
+
+
 def test_compile_is_refused_where_a_sharding_engine_hooks_into_each_layer(tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match="speed.compile.*'fsdp'.*use it with ddp"):
         train(recipe_config(tmp_path, tiny_model_dir, max_steps=1), overrides=["speed.compile=true", "distributed.strategy=fsdp"])

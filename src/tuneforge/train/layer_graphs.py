@@ -10,6 +10,9 @@ statistics, adapters) are copied into the template's: one `torch._foreach_copy_`
 a layer on an 8B 4-bit model. Measured on one H200 (docs/benchmarks.md): the GPU's wait fell to
 31 ms of a 409 ms step, and the step ran as fast as compiled layers' (about 10,000 tokens/s), with
 no compile time but a memory pool about 1 GiB larger than what compiled layers keep.
+(`torch.cuda.make_graphed_callables` captures one graph set a module, for calls with gradients
+only, and refuses modules with hooks: here one set serves every layer, the no-grad forward
+replays too, and the fused adapters' norm hooks run inside the capture.)
 
 The graphs keep what the forward saves for the backward in their own memory, so they serve only
 layers recomputed by re-entrant checkpointing (`train/speed.py::_LayerCheckpoint`), whose

@@ -390,6 +390,9 @@ class LayerCheckpointing(TrainerCallback):
         # One capture serves every layer (`train/layer_graphs.py`); only re-entrant calls replay it.
         self.graphs = LayerGraphs(report) if graphs and reentrant else None
         self.report = report
+        if graphs and not reentrant:
+            report("CUDA graphs off: they replay re-entrant recomputation, which this run cannot use "
+                   "(DDP's unused-parameter search or a sharding engine)")
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         from transformers.modeling_layers import GradientCheckpointingLayer
