@@ -192,6 +192,7 @@ def test_a_profiled_step_and_the_profilers_own_work_count_in_no_figure():
     assert left_out["seconds_outside_steps"] == pytest.approx(0.5)
     assert plain["seconds_outside_steps"] == pytest.approx(2.0)  # the profiler's 1.5 s counted there
     assert plain["warmup_step_seconds"] == pytest.approx(1.0)
+    assert left_out["step_seconds"] == [1.0, 0.5, 3.0, 0.5]
     from tuneforge.bench.runner import format_whole_run
 
     line = format_whole_run({"case": "varlen8b", "system": "tuneforge", **left_out})

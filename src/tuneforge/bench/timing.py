@@ -88,6 +88,9 @@ class StepTimer(TrainerCallback):
             "warmup_steps": warmup,
             "warmup_step_seconds": sum(warmup_seconds),
             "seconds_outside_steps": run_seconds - sum(seconds for seconds, _ in counted),
+            # Every step, to see where a whole-run rate lost against the median (the profiled
+            # step included, as measured).
+            "step_seconds": [round(seconds, 4) for seconds, _ in self.steps],
             "peak_gib": peak_memory_allocated() / GIB if torch.cuda.is_available() else None,
             "loss_first": self.losses[0] if self.losses else None,
             "loss_last": self.losses[-1] if self.losses else None,
