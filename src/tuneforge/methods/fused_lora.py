@@ -108,6 +108,22 @@ def _frozen_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return base.weight.to(dtype)
 
 
+def _plus_low_rank(out: torch.Tensor, left: torch.Tensor, right_t: torch.Tensor, alpha: float) -> torch.Tensor:
+    """`out + alpha * left @ right_t.T` for a rank-r update (left: rows x r, right_t: cols x r;
+    `out`: rows x cols in any shape), added into `out` in eager mode.
+
+    Under `torch.compile` an in-place `addmm_` becomes an out-of-place `addmm`, which copies `out`
+    into a new buffer first (inductor's device-to-device copies: 15 ms of an offloaded QLoRA-8B
+    step). As products summed over r in fp32, inductor computes the update and the add, with any
+    elementwise consumer, in one pass over `out`. (A 16-bit `mm + x` would be matched back into an
+    `addmm`; the fp32 sum is not.)"""
+    if torch.compiler.is_compiling():
+        update = (left.unsqueeze(-2).float() * right_t.float()).sum(-1).view(out.shape)
+        return (out.float() + alpha * update).to(out.dtype)
+    out.view(-1, out.shape[-1]).addmm_(left, right_t.t(), alpha=alpha)
+    return out  # itself, not a view: models such as Falcon add into a linear's output in place
+
+
 _backward_follows = 0  # `backward_follows()` contexts open now
 
 
@@ -223,7 +239,7 @@ class _FrozenLinearLora(torch.autograd.Function):
             out = torch.nn.functional.linear(x, weight, None if bias is None else bias.to(dtype))
             _weight_for_backward(ctx, weight)
             x_a = flat @ a.t()
-            out.view(-1, out.shape[-1]).addmm_(x_a, b.t(), alpha=scaling)
+            out = _plus_low_rank(out, x_a, b, scaling)
         ctx.shape = x.shape
         source = getattr(x, _NORM_SOURCE, None)  # x as the norm gave it (no cast above)
         if source is not None and ctx.needs_input_grad[3]:
@@ -247,7 +263,7 @@ class _FrozenLinearLora(torch.autograd.Function):
             g_xa = (g @ b).mul_(ctx.scaling)  # tokens x r
             grad_x = None
             if need_x:
-                grad_x = (g @ _backward_weight(ctx, a.dtype)).addmm_(g_xa, a).view(ctx.shape).to(ctx.dtypes[0])
+                grad_x = _plus_low_rank(g @ _backward_weight(ctx, a.dtype), g_xa, a.t(), 1.0).view(ctx.shape).to(ctx.dtypes[0])
             grad_a = (g_xa.t() @ flat).to(ctx.dtypes[1]) if need_a else None
             grad_b = (g.t() @ x_a).mul_(ctx.scaling).to(ctx.dtypes[2]) if need_b else None
             grad_bias = g.sum(0).to(ctx.dtypes[3]) if need_bias else None
@@ -356,7 +372,7 @@ class _SwiGLUDownLora(torch.autograd.Function):
             weight = _frozen_weight(base, dtype)
             out = torch.nn.functional.linear(product, weight, bias)  # not a view (see above)
             _weight_for_backward(ctx, weight)
-            out.view(-1, out.shape[-1]).addmm_(x_a, b.t(), alpha=scaling)
+            out = _plus_low_rank(out, x_a, b, scaling)
         ctx.save_for_backward(gate, up, x_a, a, b)
         return out
 
@@ -365,7 +381,7 @@ class _SwiGLUDownLora(torch.autograd.Function):
         gate, up, x_a, a, b = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1]).to(a.dtype)
         g_xa = (g @ b).mul_(ctx.scaling)  # tokens x r
-        grad_product = (g @ _backward_weight(ctx, a.dtype)).addmm_(g_xa, a)
+        grad_product = _plus_low_rank(g @ _backward_weight(ctx, a.dtype), g_xa, a.t(), 1.0)
         product = _swiglu(gate, up).reshape(-1, gate.shape[-1])  # recomputed: not kept from the forward
         grad_a = (g_xa.t() @ product).to(ctx.dtypes[0])
         grad_b = (g.t() @ x_a).mul_(ctx.scaling).to(ctx.dtypes[1])
