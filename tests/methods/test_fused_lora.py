@@ -203,13 +203,14 @@ def test_the_adapter_adds_into_the_base_output_without_a_copy():
 @pytest.mark.parametrize(
     "device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
 )
-def test_compiled_adapters_add_into_the_base_output_without_an_addmm_copy(device):
+def test_compiled_adapters_add_into_the_base_output_in_place(device):
     """Under `torch.compile` the in-place add of the adapter's product would become an out-of-place
     `addmm`, which copies the base output into a new buffer first (15 ms a step of offloaded
-    QLoRA-8B): compiled layers add it in a fused pass instead, forward and backward, with the eager
-    loss and gradients."""
+    QLoRA-8B). On a GPU compiled layers add it with Triton's kernel in place, forward and backward;
+    without Triton (CPU builds) the add stays an `addmm`. Both give the eager loss and gradients."""
     from torch._inductor.utils import run_and_get_code
 
+    from tuneforge.methods import low_rank_add
     from tuneforge.train.speed import compile_decoder_layers
 
     def run(compiled: bool):
@@ -224,11 +225,36 @@ def test_compiled_adapters_add_into_the_base_output_without_an_addmm_copy(device
     torch._dynamo.reset()
     (loss, grads, input_grad), code = run_and_get_code(run, True)
     assert len(code) >= 2  # the layers' forward and backward
-    assert not [line for source in code for line in source.splitlines() if "addmm" in line]
+    lines = [line for source in code for line in source.splitlines()]
+    if device == "cuda" and low_rank_add.add_low_rank_ is not None:
+        assert not [line for line in lines if "addmm" in line]
+        assert [line for line in lines if "add_low_rank_kernel" in line]
     torch.testing.assert_close(loss, eager_loss, rtol=1e-2, atol=0)
     for name, grad in [*eager_grads.items(), ("input", eager_input_grad)]:
         mine = input_grad if name == "input" else grads[name]
         assert torch.nn.functional.cosine_similarity(mine.flatten(), grad.flatten(), dim=0) > 0.999, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_low_rank_kernel_adds_what_addmm_adds_in_place(dtype):
+    """Triton's `add_low_rank_` against `addmm_`: ragged edges, ranks under and over 16, and the
+    backward's transposed right factor (A.T)."""
+    from tuneforge.methods import low_rank_add
+
+    assert low_rank_add.add_low_rank_ is not None  # Triton ships with CUDA builds of torch
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    for rows, cols, rank, transposed in [(4096, 14336, 16, False), (100, 200, 16, True), (33, 300, 8, False), (130, 129, 64, True)]:
+        out = torch.randn(rows, cols, dtype=dtype, device="cuda", generator=generator)
+        left = torch.randn(rows, rank, dtype=dtype, device="cuda", generator=generator)
+        right = torch.randn(rank, cols, dtype=dtype, device="cuda", generator=generator)
+        right_t = right.t() if transposed else right.t().contiguous()
+        expected = out.clone().addmm_(left, right_t.t(), alpha=0.5)
+        pointer = out.data_ptr()
+        torch.ops.tuneforge.add_low_rank_(out, left, right_t, 0.5)
+        assert out.data_ptr() == pointer
+        torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-2 * rank ** 0.5)
 
 
 def test_one_plain_adapter_runs_with_its_frozen_base_as_one_function_unless_the_base_has_hooks():

@@ -47,6 +47,7 @@ import torch
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from torch.nn.modules import module as torch_module
 
+from tuneforge.methods import low_rank_add
 from tuneforge.models.dequantize import dequantize_4bit
 
 
@@ -109,18 +110,14 @@ def _frozen_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _plus_low_rank(out: torch.Tensor, left: torch.Tensor, right_t: torch.Tensor, alpha: float) -> torch.Tensor:
-    """`out + alpha * left @ right_t.T` for a rank-r update (left: rows x r, right_t: cols x r;
-    `out`: rows x cols in any shape), added into `out` in eager mode.
-
-    Under `torch.compile` an in-place `addmm_` becomes an out-of-place `addmm`, which copies `out`
-    into a new buffer first (inductor's device-to-device copies: 15 ms of an offloaded QLoRA-8B
-    step). As products summed over r in fp32, inductor computes the update and the add, with any
-    elementwise consumer, in one pass over `out`. (A 16-bit `mm + x` would be matched back into an
-    `addmm`; the fp32 sum is not.)"""
-    if torch.compiler.is_compiling():
-        update = (left.unsqueeze(-2).float() * right_t.float()).sum(-1).view(out.shape)
-        return (out.float() + alpha * update).to(out.dtype)
-    out.view(-1, out.shape[-1]).addmm_(left, right_t.t(), alpha=alpha)
+    """`out + alpha * left @ right_t.T` added into `out` (rows x cols in any shape) for a rank-r
+    update (left: rows x r, right_t: cols x r). A compiled layer on a GPU takes Triton's kernel
+    (`low_rank_add`): under `torch.compile` an `addmm_` would copy `out` first."""
+    flat = out.view(-1, out.shape[-1])
+    if torch.compiler.is_compiling() and low_rank_add.runs_on(flat):
+        torch.ops.tuneforge.add_low_rank_(flat, left, right_t, alpha)
+    else:
+        flat.addmm_(left, right_t.t(), alpha=alpha)
     return out  # itself, not a view: models such as Falcon add into a linear's output in place
 
 
