@@ -620,7 +620,8 @@ class SpeedConfig(Section):
     fused_lora: bool = Field(
         True,
         description="LoRA linear layers add the adapter's product to the base output in one matmul "
-        "(`torch.addmm`) in the compute dtype and keep their input as it is for the backward pass; "
+        "(`torch.addmm`; in a compiled layer on a GPU, a Triton kernel that adds in place) in the compute "
+        "dtype and keep their input as it is for the backward pass; "
         "peft's own forward copies each adapted layer's input to the adapters' fp32 and back, and "
         "scales and adds in separate passes. A layer with one such adapter (no dropout) over a frozen 16-bit "
         "or 4-bit linear runs the base matmul and the adapter as one autograd function (a 4-bit weight "

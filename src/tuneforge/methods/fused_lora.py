@@ -9,7 +9,8 @@ a LoRA step's GPU time (docs/benchmarks.md). Here the same sum is one autograd f
     x_a = x @ A.T                       (tokens x r)
     out = addmm(result, x_a, B.T, alpha=scaling)   (the add and the scale in the matmul)
 
-in the base output's dtype, with the adapters' weights cast (r rows, small) instead of the
+(in a compiled layer on a GPU, the add is `low_rank_add`'s Triton kernel, in place) in the base
+output's dtype, with the adapters' weights cast (r rows, small) instead of the
 activations, and the input saved as it is (the same tensor the base layer and the other adapters
 reading it hold). Gradients for A and B come back in the adapters' own dtype (fp32 master copies).
 
