@@ -235,28 +235,6 @@ def test_compiled_adapters_add_into_the_base_output_in_place(device):
         assert torch.nn.functional.cosine_similarity(mine.flatten(), grad.flatten(), dim=0) > 0.999, name
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_the_low_rank_kernel_adds_what_addmm_adds_in_place(dtype):
-    """Triton's `add_low_rank_` against `addmm_`: ragged edges, ranks under and over 16, and the
-    backward's transposed right factor (A.T)."""
-    from tuneforge.methods import low_rank_add
-
-    assert low_rank_add.add_low_rank_ is not None  # Triton ships with CUDA builds of torch
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    for rows, cols, rank, transposed in [(4096, 14336, 16, False), (100, 200, 16, True), (33, 300, 8, False), (130, 129, 64, True)]:
-        out = torch.randn(rows, cols, dtype=dtype, device="cuda", generator=generator)
-        left = torch.randn(rows, rank, dtype=dtype, device="cuda", generator=generator)
-        right = torch.randn(rank, cols, dtype=dtype, device="cuda", generator=generator)
-        right_t = right.t() if transposed else right.t().contiguous()
-        expected = out.clone().addmm_(left, right_t.t(), alpha=0.5)
-        pointer = out.data_ptr()
-        torch.ops.tuneforge.add_low_rank_(out, left, right_t, 0.5)
-        assert out.data_ptr() == pointer
-        torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-2 * rank ** 0.5)
-
-
 def test_one_plain_adapter_runs_with_its_frozen_base_as_one_function_unless_the_base_has_hooks():
     """peft's forward calls the base linear, then the adapter: two autograd nodes and a layer
     of Python per linear, and a LoRA step is partly bound by that host work."""
