@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,7 +59,8 @@ def test_the_kernel_adds_what_addmm_adds_in_place_in_triton_s_interpreter():
         "print(json.dumps(_largest_errors('cpu', torch.float16, SHAPES)))\n"
     )
     environment = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=300)
+    root = Path(__file__).resolve().parents[2]  # where `tests` imports from
+    done = subprocess.run([sys.executable, "-c", script], env=environment, cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(found) == len(SHAPES)

@@ -5,7 +5,7 @@ In eager mode the fused LoRA forward adds its product into the base output with 
 in place). Under `torch.compile` that in-place `addmm_` becomes an out-of-place `addmm`, and
 ATen's out-of-place `addmm` first copies `out` into its new buffer: 15 ms of device-to-device
 copies in a 407 ms step of offloaded, compiled QLoRA-8B (docs/benchmarks.md). Written as products
-summed over r, inductor's own reduction kernels were ten times slower than those copies. No
+summed over r, inductor's own reduction kernels took over 200 ms a step instead. No
 library covers a small-K matmul that adds into its input in place, so this is a kernel of our own:
 each program reads a tile of `out`, adds the (rows x r) @ (r x cols) product computed with
 `tl.dot` in fp32, and writes the tile back, one pass over `out`. As a `torch.library.triton_op`
