@@ -4,6 +4,8 @@ table and JSON report what was measured, and the kernel classes of a profile are
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -197,3 +199,14 @@ def test_a_profiled_step_and_the_profilers_own_work_count_in_no_figure():
 
     line = format_whole_run({"case": "varlen8b", "system": "tuneforge", **left_out})
     assert line == "  whole run of varlen8b (tuneforge): 2.5 s, of which 1.0 s in the 1 warm-up steps and 0.5 s outside any step"
+
+
+def test_the_timer_imports_no_training_code_into_the_peers_environments():
+    """The peers' workers import `bench.timing` inside Unsloth's and TRL's environments: it must
+    not bring tuneforge's training stack (peft adapters, Triton kernels) along."""
+    script = "import sys, tuneforge.bench.timing; print(' '.join(sorted(m for m in sys.modules if m.startswith('tuneforge'))))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = set(done.stdout.split())
+    assert loaded == {"tuneforge", "tuneforge.errors", "tuneforge.train", "tuneforge.bench",
+                      "tuneforge.train.layer_graphs", "tuneforge.bench.timing"}

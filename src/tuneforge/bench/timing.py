@@ -3,8 +3,9 @@ TRL and Unsloth (all of which train through `transformers.Trainer`) are measured
 
 Each optimizer step is timed between CUDA synchronisations; its tokens are the change of
 `state.num_input_tokens_seen`, which the Trainer counts without padding
-(`include_num_input_tokens_seen="non_padding"`). This module imports only torch and transformers:
-it runs inside peer environments too.
+(`include_num_input_tokens_seen="non_padding"`). This module imports only torch, transformers and
+`train/layer_graphs` (torch alone at import, for the graph pool's memory): it runs inside peer
+environments too.
 """
 
 from __future__ import annotations

@@ -39,8 +39,6 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from tuneforge.methods.fused_lora import backward_follows
-
 
 _templates: weakref.WeakSet[_Template] = weakref.WeakSet()
 _peak_before_capture = 0  # bytes: `torch.cuda.max_memory_allocated()` when the last capture ended
@@ -235,6 +233,10 @@ class CapturedLayer:
             if not isinstance(output, torch.Tensor):
                 raise NotGraphable(f"{type(template.layer).__name__} returns {type(output).__name__}, not a tensor")
             return output
+
+        # Imported here: fused_lora brings peft and Triton, and the bench's timer imports this
+        # module (for the memory figures) inside the peers' environments.
+        from tuneforge.methods.fused_lora import backward_follows
 
         inputs = [self.hidden, *template.trainable]
         autocast = torch.autocast(  # the caller's autocast, without its cache of cast weights
