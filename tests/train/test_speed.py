@@ -512,3 +512,41 @@ def test_the_trainer_walks_the_module_tree_once_not_every_step(tmp_path, tiny_mo
     assert set(once_walks) == {1, 4}  # taking the lists; `train()` putting the switched submodule back
     assert once_norms == plain_norms and len(once_norms) == 6
     assert once_modes == plain_modes == [True] * 6
+
+
+def test_the_clip_inside_the_fused_optimizer_gives_clip_grad_norm_s_steps(tmp_path, tiny_model_dir, monkeypatch):
+    """The clip's factor goes to torch's fused AdamW, which applies it as it reads each gradient,
+    instead of a pass of `clip_grad_norm_` that reads and writes every gradient: the same losses,
+    logged norms and weights, and no such pass."""
+    from tuneforge.train.trainer import ClipInFusedOptimizerMixin, clips_in_optimizer
+
+    class ClipsInOptimizer(ClipInFusedOptimizerMixin, Trainer):
+        pass
+
+    scaling_passes = []
+    original = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: scaling_passes.append(1) or original(*a, **k))
+    rows = [{"input_ids": torch.arange(i, i + 8) % 50, "labels": torch.arange(i, i + 8) % 50} for i in range(24)]
+    results = {}
+    for trainer_class in (Trainer, ClipsInOptimizer):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+        args = TrainingArguments(output_dir=str(tmp_path / trainer_class.__name__), use_cpu=True, report_to="none",
+                                 max_steps=6, per_device_train_batch_size=4, logging_steps=1, max_grad_norm=0.05,
+                                 learning_rate=1e-2, save_strategy="no", seed=0)
+        trainer = trainer_class(model=model, args=args, train_dataset=rows)
+        scaling_passes.clear()
+        trainer.train()
+        logged = [(entry["loss"], entry["grad_norm"]) for entry in trainer.state.log_history if "grad_norm" in entry]
+        results[trainer_class] = (logged, len(scaling_passes), {k: v.detach().clone() for k, v in model.named_parameters()})
+        assert clips_in_optimizer(trainer.optimizer.optimizer)  # transformers' default optimizer is fused AdamW
+    plain_logged, plain_passes, plain_weights = results[Trainer]
+    fused_logged, fused_passes, fused_weights = results[ClipsInOptimizer]
+    assert plain_passes == 6 and fused_passes == 0
+    assert all(norm > 0.05 for _, norm in plain_logged)  # every step was clipped
+    assert len(fused_logged) == 6
+    for (plain_loss, plain_norm), (fused_loss, fused_norm) in zip(plain_logged, fused_logged):
+        assert fused_loss == pytest.approx(plain_loss, rel=1e-5) and fused_norm == pytest.approx(plain_norm, rel=1e-5)
+    for name, weight in plain_weights.items():
+        torch.testing.assert_close(fused_weights[name], weight, msg=name)
+    assert plain_logged[-1][0] < plain_logged[0][0]  # it trained

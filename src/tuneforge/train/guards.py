@@ -116,6 +116,12 @@ class NonFiniteGuard(TrainerCallback):
         self._batches: list[torch.Tensor | None] = []
         self._bad_loss_batch: torch.Tensor | None = None
         self._loss_is_bad = False
+        self._gradient_norm: torch.Tensor | None = None
+
+    def saw_gradient_norm(self, norm: torch.Tensor) -> None:
+        """The step's total gradient norm, taken by the clip: finite iff every gradient is, so the
+        check needs no pass of its own over the gradients."""
+        self._gradient_norm = norm
 
     def observe(self, loss: torch.Tensor, inputs: dict[str, Any]) -> bool:
         """Record one micro-batch's loss and input ids (called after its backward).
@@ -137,6 +143,7 @@ class NonFiniteGuard(TrainerCallback):
         self._batches = []
         self._bad_loss_batch = None
         self._loss_is_bad = False
+        self._gradient_norm = None
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._reset()
@@ -145,8 +152,12 @@ class NonFiniteGuard(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         model, optimizer = kwargs.get("model"), kwargs.get("optimizer")
-        gradients = _gradients(model, optimizer)
-        grads_ok = gradients_are_finite(gradients) if self.check_gradients else True
+        if not self.check_gradients:
+            grads_ok = True
+        elif self._gradient_norm is not None:
+            grads_ok = bool(torch.isfinite(self._gradient_norm))
+        else:
+            grads_ok = gradients_are_finite(_gradients(model, optimizer))
         # The process's own device, not a gradient's: DeepSpeed ZeRO keeps gradients in its own
         # buffers (no `.grad`), and NCCL has no CPU tensors.
         if not _any_rank(self._loss_is_bad or not grads_ok, args.device):
@@ -214,6 +225,12 @@ class NonFiniteGuardMixin:
             # NaN when the Trainer resets it); the skipped step adds nothing instead.
             return torch.zeros_like(loss)
         return loss
+
+    def _clip_grad_norm(self, model: Any) -> Any:
+        norm = super()._clip_grad_norm(model)  # type: ignore[misc]
+        if isinstance(norm, torch.Tensor):
+            self.nonfinite_guard.saw_gradient_norm(norm)
+        return norm
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         # With `logging_nan_inf_filter` off, a NaN loss would reach metrics.jsonl; a skipped
