@@ -261,6 +261,84 @@ def distributed_cases(cases: set[str], lora: dict, tokenizer_dir: Path, args: ar
     return results
 
 
+def _milliseconds(step, repeats: int = 20) -> float:
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - started) / repeats * 1e3
+
+
+def adamw_cases(shape: str) -> list[dict]:
+    """AdamW and the gradient clip over one model's bf16 parameters, per layout: where full
+    fine-tuning's optimizer time goes (docs/benchmarks.md, eleventh session)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES[shape]))
+    shapes = [parameter.shape for parameter in model.parameters()]
+    count = sum(s.numel() for s in shapes)
+
+    def per_tensor() -> list[torch.nn.Parameter]:
+        parameters = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=torch.bfloat16)) for s in shapes]
+        for parameter in parameters:
+            parameter.grad = torch.randn_like(parameter) * 1e-3
+        return parameters
+
+    def flat() -> list[torch.nn.Parameter]:
+        parameter = torch.nn.Parameter(torch.randn(count, device="cuda", dtype=torch.bfloat16))
+        parameter.grad = torch.randn_like(parameter) * 1e-3
+        return [parameter]
+
+    rows = []
+    for layout, make in (("per tensor", per_tensor), ("one flat tensor", flat)):
+        parameters = make()
+        variants = {"AdamW fused": dict(fused=True), "AdamW foreach": dict(foreach=True)}
+        for name, options in variants.items():
+            optimizer = torch.optim.AdamW(parameters, lr=1e-5, **options)
+            rows.append((f"{name}, {layout}", _milliseconds(optimizer.step)))
+        if layout == "per tensor":
+            optimizer = torch.optim.AdamW(parameters, lr=1e-5, foreach=True)
+            rows.append((f"AdamW foreach under torch.compile, {layout}", _milliseconds(torch.compile(optimizer.step))))
+        rows.append((f"clip_grad_norm_, {layout}", _milliseconds(lambda: torch.nn.utils.clip_grad_norm_(parameters, 1.0))))
+        rows.append((f"gradient norm alone, {layout}", _milliseconds(lambda: torch.nn.utils.get_total_norm([p.grad for p in parameters]))))
+        del parameters, optimizer
+        torch.cuda.empty_cache()
+    floor = 14 * count / 4.8e12 * 1e3  # bf16 p, g, m, v read; p, m, v written; at an H200's 4.8 TB/s
+    return [{"case": f"adamw-{shape}: {name}", "status": "ok", "ms": round(ms, 2), "floor ms": round(floor, 2)} for name, ms in rows]
+
+
+def low_rank_tile_cases() -> list[dict]:
+    """The in-place low-rank add (methods/low_rank_add.py) with other tiles, on QLoRA-8B's largest
+    output (4096 x 14336, rank 16): bandwidth and the error against fp32."""
+    from tuneforge.methods import low_rank_add
+
+    out = torch.randn(4096, 14336, device="cuda", dtype=torch.bfloat16)
+    left = torch.randn(4096, 16, device="cuda", dtype=torch.bfloat16)
+    right_t = torch.randn(14336, 16, device="cuda", dtype=torch.bfloat16)
+    expected = out.float() + 0.5 * left.float() @ right_t.float().T
+    in_use = (low_rank_add.BLOCK_ROWS, low_rank_add.BLOCK_COLS)
+    rows = []
+    try:
+        for tile in ((64, 128), (32, 128), (64, 64), (128, 128), (64, 256), (128, 256)):
+            low_rank_add.BLOCK_ROWS, low_rank_add.BLOCK_COLS = tile
+            result = out.clone()
+            torch.ops.tuneforge.add_low_rank_(result, left, right_t, 0.5)
+            error = (result.float() - expected).abs().max().item()
+            ms = _milliseconds(lambda: torch.ops.tuneforge.add_low_rank_(out, left, right_t, 0.0), repeats=200)
+            rows.append({
+                "case": f"lowrank-tiles: {tile[0]} x {tile[1]}{' (in use)' if tile == in_use else ''}",
+                "status": "ok" if error < 0.125 else f"error {error:.3g}",
+                "ms": round(ms, 4), "TB/s": round(2 * out.numel() * out.element_size() / ms / 1e9, 2),
+            })
+    finally:
+        low_rank_add.BLOCK_ROWS, low_rank_add.BLOCK_COLS = in_use
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="folder holding lamini_docs.jsonl")
@@ -270,7 +348,8 @@ def main() -> int:
     parser.add_argument(
         "--cases", default="lora,jcqa",
         help="comma-separated: lora, jcqa, qlora-packed, qlora8b, qlora-mixtral, qlora-mixtral-via-cpu, optim8bit1b, vlm8b, dpo1b; "
-        "on 2 GPUs: ddp-lora8b, fsdp-full8b, zero3-full8b, fsdp-resume1b",
+        "on 2 GPUs: ddp-lora8b, fsdp-full8b, zero3-full8b, fsdp-resume1b; "
+        "kernels alone: adamw1b (AdamW and the clip over the 1B shape's tensors), lowrank-tiles (the low-rank add's tiles)",
     )
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -392,6 +471,9 @@ def main() -> int:
         dpo["output"]["dir"] = str(args.work / "runs" / "dpo-1b")
         results.append(run_case(f"dpo-lora-{args.shape}-seq2048-mb{dpo['train']['per_device_train_batch_size']}", dpo, args.work))
     results += distributed_cases(cases, lora_1b, tokenizer_dir, args)
+    for kernel_case, run in (("adamw1b", lambda: adamw_cases("llama-1b")), ("lowrank-tiles", low_rank_tile_cases)):
+        if kernel_case in cases:
+            results += run() if torch.cuda.is_available() else [{"case": kernel_case, "status": "skipped: no CUDA"}]
     if padded.get("tokens/s (median, after warm-up)") and packed.get("tokens/s (median, after warm-up)"):
         gain = packed["tokens/s (median, after warm-up)"] / padded["tokens/s (median, after warm-up)"]
         print(f"padding-free packing vs padded batches, real tokens/s: {gain:.2f}x")
