@@ -308,7 +308,7 @@ def adamw_cases(shape: str) -> list[dict]:
         del parameters, optimizer
         torch.cuda.empty_cache()
     floor = 14 * count / 4.8e12 * 1e3  # bf16 p, g, m, v read; p, m, v written; at an H200's 4.8 TB/s
-    return [{"case": f"adamw-{shape}: {name}", "status": "ok", "ms": round(ms, 2), "floor ms": round(floor, 2)} for name, ms in rows]
+    return [{"case": f"adamw-{shape}: {name}", "status": "ok", "ms": round(ms, 2), "AdamW floor ms": round(floor, 2)} for name, ms in rows]
 
 
 def low_rank_tile_cases() -> list[dict]:
