@@ -71,7 +71,11 @@ def fsdp_run(tmp_path: Path, model_dir: Path, name: str, method: dict, distribut
          str(SUPPORT / "fsdp_worker.py"), str(config), str(recorded)],
         check=False, env=env, capture_output=True, text=True, timeout=300,
     )
-    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    # The lines naming an error or a native abort, then the end of the log: a rank that dies can
+    # otherwise be hidden behind the other rank's "connection reset by peer".
+    lines = (finished.stdout + finished.stderr).splitlines()
+    causes = [line for line in lines if any(mark in line for mark in ("Error", "terminate called", "what():", "exitcode"))]
+    assert finished.returncode == 0, "\n".join(causes[-40:]) + "\n...\n" + finished.stdout[-3000:] + finished.stderr[-3000:]
     return tmp_path / name, recorded
 
 
