@@ -21,6 +21,11 @@ from tuneforge.train.guards import NonFiniteGuardMixin
 from tuneforge.train.spike import LossSpikeGuardMixin
 
 
+# One process or DDP: the parameters stay the same objects once prepared, and their gradients are
+# whole (reduced across ranks by the time the clip runs). Sharding engines (FSDP, DeepSpeed) hold neither.
+ONE_PROCESS_OR_DDP = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
+
+
 class FlopsPerTokenOnceMixin:
     """The Trainer adds each batch's floating-point operations to `total_flos` at every step,
     counting the model's parameters anew (`num_parameters` walks every module): on an 8B LoRA
@@ -79,11 +84,10 @@ class ModuleWalksOnceMixin:
     process or DDP the parameters are fixed once the model is prepared, so the lists are taken at
     the first step of each `train()` call. Put it before `Trainer` in the bases."""
 
-    _STABLE_PARAMETERS = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
     _module_walks: _ModuleWalksOnce | None = None
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
-        if self._module_walks is None and self.accelerator.distributed_type in self._STABLE_PARAMETERS:  # type: ignore[attr-defined]
+        if self._module_walks is None and self.accelerator.distributed_type in ONE_PROCESS_OR_DDP:  # type: ignore[attr-defined]
             self._module_walks = _ModuleWalksOnce(model)
         return super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc]
 
@@ -118,12 +122,10 @@ class ClipInFusedOptimizerMixin:
     process or DDP (whose gradients are whole and reduced when clipped) without fp16's gradient
     scaler, which owns `grad_scale`. Put it before `Trainer` in the bases."""
 
-    _ENGINES = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
-
     def _clip_grad_norm(self, model: Any) -> Any:
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # type: ignore[attr-defined]
         accelerator = self.accelerator  # type: ignore[attr-defined]
-        if not (clips_in_optimizer(optimizer) and accelerator.scaler is None and accelerator.distributed_type in self._ENGINES):
+        if not (clips_in_optimizer(optimizer) and accelerator.scaler is None and accelerator.distributed_type in ONE_PROCESS_OR_DDP):
             return super()._clip_grad_norm(model)  # type: ignore[misc]
         gradients = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(gradients)
