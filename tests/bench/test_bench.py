@@ -197,8 +197,11 @@ def test_a_profiled_step_and_the_profilers_own_work_count_in_no_figure():
     assert left_out["step_seconds"] == [1.0, 0.5, 3.0, 0.5]
     from tuneforge.bench.runner import format_whole_run
 
-    line = format_whole_run({"case": "varlen8b", "system": "tuneforge", **left_out})
-    assert line == "  whole run of varlen8b (tuneforge): 2.5 s, of which 1.0 s in the 1 warm-up steps and 0.5 s outside any step"
+    line = format_whole_run({"case": "varlen8b", "system": "tuneforge", "wall_s": 31.04, **left_out})
+    assert line == (
+        "  whole run of varlen8b (tuneforge): 2.5 s, of which 1.0 s in the 1 warm-up steps and 0.5 s outside any "
+        "step; the process took 31.0 s (imports, data, model loading and saving included)"
+    )
 
 
 def test_the_timer_imports_no_training_code_into_the_peers_environments():

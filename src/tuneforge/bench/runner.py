@@ -202,11 +202,13 @@ def add_ratios(results: list[dict[str, Any]], peak_tflops: float | None) -> None
 
 
 def format_whole_run(row: dict[str, Any]) -> str:
-    """What a whole-run rate (the figure for variable-length data) pays beyond its median step."""
+    """What a whole-run rate (the figure for variable-length data) pays beyond its median step,
+    and the whole process around it: work moved before the first step shows there."""
     return (
         f"  whole run of {row['case']} ({row['system']}): {row['run_seconds']:.1f} s, of which "
         f"{row['warmup_step_seconds']:.1f} s in the {row['warmup_steps']} warm-up steps and "
-        f"{row['seconds_outside_steps']:.1f} s outside any step"
+        f"{row['seconds_outside_steps']:.1f} s outside any step; the process took {row['wall_s']:.1f} s "
+        "(imports, data, model loading and saving included)"
     )
 
 
