@@ -66,7 +66,7 @@ def _rows(work: Path, case: Case) -> Any:
 
 def run_tuneforge(case: Case, work: Path, run_dir: Path, callbacks: list[Any], overrides: list[str]) -> None:
     from tuneforge.bench.cases import data_section
-    from tuneforge.train.recipe import train
+    from tuneforge import train  # the public entry point, which compiles Liger's kernels beside loading
 
     varlen = case.data == "varlen"
     method: dict[str, Any] = {"name": "full"} if case.method == "full" else {

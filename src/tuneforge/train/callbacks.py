@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from transformers import (
     TrainingArguments,
 )
 
+from tuneforge.train.kernel_warmup import KernelWarmup
 from tuneforge.train.layer_graphs import peak_memory_allocated
 
 
@@ -130,4 +132,19 @@ class TrainingProgress(TrainerCallback):
             self.bar = None
 
 
-__all__ = ["MetricsLogger", "TrainingProgress", "report_after_metrics"]
+class KernelWarmupWait(TrainerCallback):
+    """As training begins, waits for the process compiling Liger's kernels (train/kernel_warmup.py)
+    and reports what it did. Added after the run's other callbacks, so a timer they start at the
+    beginning of training counts the wait."""
+
+    def __init__(self, warmup: KernelWarmup, report: Callable[[str], None]) -> None:
+        self.warmup = warmup
+        self.report = report
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        line = self.warmup.finish()
+        if line:
+            self.report(line)
+
+
+__all__ = ["KernelWarmupWait", "MetricsLogger", "TrainingProgress", "report_after_metrics"]
