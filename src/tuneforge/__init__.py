@@ -28,6 +28,8 @@ def train(config, overrides=None, callbacks=None):
         from tuneforge.train.recipe import train as run_recipe
 
         config = load_config(config, overrides)
+        if not config.speed.warm_kernels:
+            kernel_warmup.close()
         result = run_recipe(config, callbacks=callbacks, kernel_warmup=kernel_warmup)
     if getattr(config.method, "merge", False):
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config

@@ -14,7 +14,7 @@ This runs in its own interpreter, started by `kernel_warmup.start_kernel_warmup`
 run imports its libraries: a thread in the run's process was tried, and it slowed the model's
 loading as much as it saved (Triton's compiler and autograd hold the GIL; docs/benchmarks.md).
 
-    python -m tuneforge.train.kernel_compile REQUEST.json REPORT.json
+    python -m tuneforge.train.kernel_compile FOLDER   # FOLDER/request.json in, FOLDER/report.json out
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import torch
 from tuneforge.config.schema import Config
 from tuneforge.errors import ConfigError
 from tuneforge.models.loading import DTYPES, load_model_config, resolve_dtype
+from tuneforge.train.kernel_warmup import COMPILING, REPORT, REQUEST
 
 # Model types whose Liger patch is Llama's: its RMSNorm with the default arguments, its RoPE, the
 # SwiGLU MLP and the causal-LM loss over the output layer. Qwen3 also normalises each attention
@@ -234,33 +235,35 @@ def compile_kernels(plan: WarmupPlan) -> int:
     return shapes
 
 
-def main(request_path: str, report_path: str) -> None:
-    """Compile what the run described in REQUEST.json (`config`: a YAML path or a dict,
-    `overrides`: `section.key=value` strings) will call. REPORT.json says what was done
-    (`shapes`, `compile_seconds`) or why nothing was (`skipped`), or the error (the kernels then
-    compile in the run's first steps, as without this process), and when it finished."""
+def main(folder: str) -> None:
+    """Compile what the run described in FOLDER/request.json (`config`: a YAML path or a dict,
+    `overrides`: `section.key=value` strings) will call, leaving FOLDER/compiling once it starts
+    to. FOLDER/report.json says what was done (`shapes`, `compile_seconds`) or why nothing was
+    (`skipped`), or the error (the kernels then compile in the run's first steps, as without this
+    process), and when it finished."""
     from tuneforge.config.loading import load_config
     from tuneforge.train.distributed import Ranks
 
     report: dict[str, Any] = {}
     try:
-        request = json.loads(Path(request_path).read_text(encoding="utf-8"))
+        request = json.loads((Path(folder) / REQUEST).read_text(encoding="utf-8"))
         ranks = Ranks.from_env()
         plan = run_warmup_plan(load_config(request["config"], request["overrides"]), ranks.local_rank, ranks.world_size)
         if isinstance(plan, str):
             report["skipped"] = plan
         else:
+            (Path(folder) / COMPILING).touch()
             started = time.perf_counter()
             report["shapes"] = compile_kernels(plan)
             report["compile_seconds"] = round(time.perf_counter() - started, 2)
     except Exception as exc:  # noqa: BLE001 - reported to the run, which goes on without the warm-up
         report["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"  # one line for the log
     report["finished_at"] = time.time()  # the launcher knows when it started the process
-    Path(report_path).write_text(json.dumps(report), encoding="utf-8")
+    (Path(folder) / REPORT).write_text(json.dumps(report), encoding="utf-8")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(sys.argv[1])
 
 
 __all__ = [

@@ -7,9 +7,14 @@ compiling overlaps the run's imports, data and model loading; the steps then rea
 from Triton's on-disk cache. This module only starts, waits for and reports on that process: it
 imports nothing beyond the standard library, so the process starts seconds before torch loads.
 
+When training begins, a process that is compiling is waited for (what it has left is what the
+first steps would compile anyway); one still importing its libraries is stopped, since waiting
+for it would cost more than the first steps' own compiling (a small model loads faster than the
+process imports).
+
     with start_kernel_warmup(config, overrides) as warmup:
         ...                      # the run imports, builds its data and model
-        print(warmup.finish())   # before the first step: waits for the process, says what it did
+        print(warmup.finish())   # as training begins: waits for the process, says what it did
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-# The most the first step waits for the process: an 8B run's kernels compile in 6-8 s.
-WAIT_SECONDS = 120.0
+# The most training waits for a compiling process: an 8B run's kernels compile in 5-8 s.
+WAIT_SECONDS = 60.0
 PREFIX = "Triton kernel warm-up"
+# The process's folder: what it reads, the mark it leaves once it compiles, what it reports.
+REQUEST, COMPILING, REPORT = "request.json", "compiling", "report.json"
 NVIDIA_DRIVER = Path("/dev/nvidiactl")  # present where NVIDIA's driver runs (Linux)
 
 
@@ -69,31 +76,37 @@ class KernelWarmup:
         self._started_at = time.time()
 
     def finish(self, wait_seconds: float = WAIT_SECONDS) -> str | None:
-        """Wait for the process, at most `wait_seconds`; the log's line (None: none started)."""
+        """Wait for a compiling process, at most `wait_seconds`, or stop one still setting up;
+        the log's line (None: none was started)."""
         if self._process is None or self._folder is None:
             return None
+        later = "the kernels compile in the first steps"
+        if self._process.poll() is None and not (self._folder / COMPILING).exists():
+            ran = time.time() - self._started_at
+            self.close()
+            return f"{PREFIX} stopped: still importing its libraries {ran:.1f} s after it started; {later}"
         waited = time.perf_counter()
         try:
             code = self._process.wait(timeout=wait_seconds)
         except subprocess.TimeoutExpired:
             self.close()
-            return f"{PREFIX} stopped after {wait_seconds:.0f} s; the kernels compile in the first steps"
+            return f"{PREFIX} stopped after compiling for {wait_seconds:.0f} s; {later}"
         waited = time.perf_counter() - waited
-        report_path = self._folder / "report.json"
+        report_path = self._folder / REPORT
         if not report_path.exists():
             log = (self._folder / "log.txt").read_text(encoding="utf-8", errors="replace").strip().splitlines()
             self.close()
-            return f"{PREFIX} failed (exit code {code}: {log[-1] if log else 'no output'}); the kernels compile in the first steps"
+            return f"{PREFIX} failed (exit code {code}: {log[-1] if log else 'no output'}); {later}"
         report = json.loads(report_path.read_text(encoding="utf-8"))
         self.close()
         if "error" in report:
-            return f"{PREFIX} failed ({report['error']}); the kernels compile in the first steps"
+            return f"{PREFIX} failed ({report['error']}); {later}"
         if "skipped" in report:
             return f"{PREFIX}: {report['skipped']}"
         return (
             f"{PREFIX}: Liger's kernels compiled for {report['shapes']} step shapes in "
             f"{report['compile_seconds']:.1f} s, in a process that ran {report['finished_at'] - self._started_at:.1f} s "
-            f"beside loading (the first step waited {waited:.1f} s for it)"
+            f"beside loading (training waited {waited:.1f} s for it)"
         )
 
     def close(self) -> None:
@@ -118,17 +131,16 @@ def start_kernel_warmup(config: Any, overrides: list[str] | None = None) -> Kern
     if not worth_starting():
         return KernelWarmup()
     folder = Path(tempfile.mkdtemp(prefix="tuneforge-kernel-warmup-"))
-    request = folder / "request.json"
-    request.write_text(json.dumps(_request(config, overrides), default=str), encoding="utf-8")
+    (folder / REQUEST).write_text(json.dumps(_request(config, overrides), default=str), encoding="utf-8")
     # The package's own root first, so the process imports this tuneforge whatever the path.
     package_root = str(Path(__file__).resolve().parents[2])
     environ = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     with open(folder / "log.txt", "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "tuneforge.train.kernel_compile", str(request), str(folder / "report.json")],
+            [sys.executable, "-m", "tuneforge.train.kernel_compile", str(folder)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=environ,
         )
     return KernelWarmup(process, folder)
 
 
-__all__ = ["NVIDIA_DRIVER", "PREFIX", "WAIT_SECONDS", "KernelWarmup", "start_kernel_warmup", "worth_starting"]
+__all__ = ["COMPILING", "NVIDIA_DRIVER", "PREFIX", "REPORT", "REQUEST", "WAIT_SECONDS", "KernelWarmup", "start_kernel_warmup", "worth_starting"]
