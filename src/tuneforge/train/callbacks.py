@@ -132,10 +132,10 @@ class TrainingProgress(TrainerCallback):
             self.bar = None
 
 
-class KernelWarmupWait(TrainerCallback):
-    """As training begins, waits for the process compiling Liger's kernels (train/kernel_warmup.py)
-    and reports what it did. Added after the run's other callbacks, so a timer they start at the
-    beginning of training counts the wait."""
+class StopKernelWarmup(TrainerCallback):
+    """As training begins, stops the process compiling Liger's kernels if it still runs (the steps
+    need the GPU and the CPU; what it compiled is cached) and reports what it did
+    (train/kernel_warmup.py)."""
 
     def __init__(self, warmup: KernelWarmup, report: Callable[[str], None]) -> None:
         self.warmup = warmup
@@ -147,4 +147,4 @@ class KernelWarmupWait(TrainerCallback):
             self.report(line)
 
 
-__all__ = ["KernelWarmupWait", "MetricsLogger", "TrainingProgress", "report_after_metrics"]
+__all__ = ["MetricsLogger", "StopKernelWarmup", "TrainingProgress", "report_after_metrics"]

@@ -7,14 +7,14 @@ compiling overlaps the run's imports, data and model loading; the steps then rea
 from Triton's on-disk cache. This module only starts, waits for and reports on that process: it
 imports nothing beyond the standard library, so the process starts seconds before torch loads.
 
-When training begins, a process that is compiling is waited for (what it has left is what the
-first steps would compile anyway); one still importing its libraries is stopped, since waiting
-for it would cost more than the first steps' own compiling (a small model loads faster than the
-process imports).
+Training never waits for it: when training begins, a process still running is stopped (a small
+model is ready before the process has imported its libraries, and on a busy host compiling can
+take longer than the first steps would). Each kernel it compiled is already in Triton's cache;
+the first steps compile the rest, as without it.
 
     with start_kernel_warmup(config, overrides) as warmup:
         ...                      # the run imports, builds its data and model
-        print(warmup.finish())   # as training begins: waits for the process, says what it did
+        print(warmup.finish())   # as training begins: stops the process if it runs, says what it did
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-# The most training waits for a compiling process: an 8B run's kernels compile in 5-8 s.
-WAIT_SECONDS = 60.0
 PREFIX = "Triton kernel warm-up"
 # The process's folder: what it reads, the mark it leaves once it compiles, what it reports.
 REQUEST, COMPILING, REPORT = "request.json", "compiling", "report.json"
@@ -58,16 +56,15 @@ def _request(config: Any, overrides: list[str] | None) -> dict[str, Any]:
     else:
         import yaml
 
-        from tuneforge.config.loading import (
-            dump_config,  # imported already by whoever built the Config
-        )
+        # Imported already by whoever built the Config.
+        from tuneforge.config.loading import dump_config
 
         source = yaml.safe_load(dump_config(config))
     return {"config": source, "overrides": list(overrides or [])}
 
 
 class KernelWarmup:
-    """The process (None when none was started); `finish` waits for it and says what it did.
+    """The process (None when none was started); `finish` stops it if it runs and says what it did.
     Nothing here raises: without the process, the kernels compile in the first steps as before."""
 
     def __init__(self, process: subprocess.Popen[bytes] | None = None, folder: Path | None = None) -> None:
@@ -75,38 +72,31 @@ class KernelWarmup:
         self._folder = folder
         self._started_at = time.time()
 
-    def finish(self, wait_seconds: float = WAIT_SECONDS) -> str | None:
-        """Wait for a compiling process, at most `wait_seconds`, or stop one still setting up;
-        the log's line (None: none was started)."""
+    def finish(self) -> str | None:
+        """Stop the process if it still runs; the log's line (None: none was started)."""
         if self._process is None or self._folder is None:
             return None
-        later = "the kernels compile in the first steps"
-        if self._process.poll() is None and not (self._folder / COMPILING).exists():
+        code = self._process.poll()
+        if code is None:
+            phase = "compiling" if (self._folder / COMPILING).exists() else "importing its libraries"
             ran = time.time() - self._started_at
-            self.close()
-            return f"{PREFIX} stopped: still importing its libraries {ran:.1f} s after it started; {later}"
-        waited = time.perf_counter()
-        try:
-            code = self._process.wait(timeout=wait_seconds)
-        except subprocess.TimeoutExpired:
-            self.close()
-            return f"{PREFIX} stopped after compiling for {wait_seconds:.0f} s; {later}"
-        waited = time.perf_counter() - waited
+            self.close()  # each kernel it finished is in Triton's cache
+            return f"{PREFIX} stopped: still {phase} {ran:.1f} s after it started; the first steps compile the rest"
         report_path = self._folder / REPORT
         if not report_path.exists():
             log = (self._folder / "log.txt").read_text(encoding="utf-8", errors="replace").strip().splitlines()
             self.close()
-            return f"{PREFIX} failed (exit code {code}: {log[-1] if log else 'no output'}); {later}"
+            return f"{PREFIX} failed (exit code {code}: {log[-1] if log else 'no output'}); the first steps compile the kernels"
         report = json.loads(report_path.read_text(encoding="utf-8"))
         self.close()
         if "error" in report:
-            return f"{PREFIX} failed ({report['error']}); {later}"
+            return f"{PREFIX} failed ({report['error']}); the first steps compile the kernels"
         if "skipped" in report:
             return f"{PREFIX}: {report['skipped']}"
         return (
             f"{PREFIX}: Liger's kernels compiled for {report['shapes']} step shapes in "
-            f"{report['compile_seconds']:.1f} s, in a process that ran {report['finished_at'] - self._started_at:.1f} s "
-            f"beside loading (training waited {waited:.1f} s for it)"
+            f"{report['compile_seconds']:.1f} s, by a process that ended {report['finished_at'] - self._started_at:.1f} s "
+            "after it started, before training began"
         )
 
     def close(self) -> None:
@@ -130,17 +120,23 @@ def start_kernel_warmup(config: Any, overrides: list[str] | None = None) -> Kern
     `overrides`, where `worth_starting` says so; it reads the config through the same validation."""
     if not worth_starting():
         return KernelWarmup()
-    folder = Path(tempfile.mkdtemp(prefix="tuneforge-kernel-warmup-"))
-    (folder / REQUEST).write_text(json.dumps(_request(config, overrides), default=str), encoding="utf-8")
     # The package's own root first, so the process imports this tuneforge whatever the path.
     package_root = str(Path(__file__).resolve().parents[2])
     environ = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-    with open(folder / "log.txt", "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tuneforge.train.kernel_compile", str(folder)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=environ,
-        )
+    folder = None
+    try:
+        folder = Path(tempfile.mkdtemp(prefix="tuneforge-kernel-warmup-"))
+        (folder / REQUEST).write_text(json.dumps(_request(config, overrides), default=str), encoding="utf-8")
+        with open(folder / "log.txt", "wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "tuneforge.train.kernel_compile", str(folder)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=environ,
+            )
+    except OSError:  # no temporary storage or no process to spare: the steps compile the kernels
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        return KernelWarmup()
     return KernelWarmup(process, folder)
 
 
-__all__ = ["COMPILING", "NVIDIA_DRIVER", "PREFIX", "REPORT", "REQUEST", "WAIT_SECONDS", "KernelWarmup", "start_kernel_warmup", "worth_starting"]
+__all__ = ["COMPILING", "NVIDIA_DRIVER", "PREFIX", "REPORT", "REQUEST", "KernelWarmup", "start_kernel_warmup", "worth_starting"]

@@ -62,8 +62,8 @@ from tuneforge.models.vlm import (
 from tuneforge.plan.estimate import Strategy, matmul_peak_tflops, model_flops_per_token
 from tuneforge.plan.planner import check_before_training
 from tuneforge.train.callbacks import (
-    KernelWarmupWait,
     MetricsLogger,
+    StopKernelWarmup,
     TrainingProgress,
     report_after_metrics,
 )
@@ -437,7 +437,7 @@ def train(
         overrides: `section.key=value` strings applied on top.
         callbacks: extra `TrainerCallback`s (tests and integrations).
         kernel_warmup: the process compiling Liger's kernels, started by `tuneforge.train`
-            before its imports; training waits for it as it begins.
+            before its imports; stopped, if it still runs, as training begins.
     """
     config = load_config(config, overrides)
     preflight(config.model)  # before anything is written or loaded
@@ -497,7 +497,7 @@ def train(
         if config.eval.tasks:
             trainer.add_callback(EvalTasksCallback(trainer, config.eval.tasks, datasets.template))
         if kernel_warmup is not None:
-            trainer.add_callback(KernelWarmupWait(kernel_warmup, report=_say))
+            trainer.add_callback(StopKernelWarmup(kernel_warmup, report=_say))
         measured = _fit(trainer, resume, datasets.eval is not None)
 
     model_dir = _save_final(config, trainer, tokenizer, datasets, run_dir, base_dir, model_class)
