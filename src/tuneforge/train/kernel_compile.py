@@ -40,7 +40,7 @@ from tuneforge.train.kernel_warmup import COMPILING, REPORT, REQUEST
 LLAMA_STYLE_MODEL_TYPES = {"llama": False, "mistral": False, "qwen2": False, "qwen3": True}
 
 IGNORE_INDEX = -100
-EVERY_BATCH_SIZE_UP_TO = 8  # padded rows: each batch size below this many is compiled (`padded_batch_sizes`)
+EVERY_BATCH_SIZE_UP_TO = 8  # padded rows: every batch size up to this many is called (`padded_batch_sizes`)
 
 
 @dataclass(frozen=True)
