@@ -172,6 +172,9 @@ def test_the_process_reads_the_run_s_config_and_overrides_and_reports(tmp_path, 
     config_file.write_text(json.dumps(settings), encoding="utf-8")  # JSON is YAML
     with start_kernel_warmup(config_file) as warmup:
         assert _finished(warmup) == "Triton kernel warm-up: no CUDA GPU"
+    # A validated Config travels as the run directory's config.yaml is written, its values with it.
+    with start_kernel_warmup(load_config(settings, ["speed.warm_kernels=false"])) as warmup:
+        assert _finished(warmup) == "Triton kernel warm-up: off (speed.warm_kernels: false)"
     # A bad config fails in the process as in the run, which reports it once itself.
     with start_kernel_warmup(settings, ["speed.warm_kernel=false"]) as warmup:
         message = _finished(warmup)
