@@ -315,10 +315,11 @@ def test_a_run_stops_the_process_as_training_begins_and_says_so(tmp_path, tiny_m
 
     tuneforge.train(recipe_config(tmp_path, tiny_model_dir, max_steps=1), callbacks=[Begin()])
     out = capsys.readouterr().out
-    # The tiny run is ready before the process has imported torch and transformers (this test's
-    # process has them already): training does not wait, the process is stopped.
-    said = "Triton kernel warm-up stopped: still importing its libraries"
-    assert said in out
+    # The tiny run is usually ready before the process has imported torch and transformers (this
+    # test's process has them already): training does not wait, the process is stopped. On a slow
+    # machine it may have ended first, having found no GPU. Either way it is reported as training begins.
+    said = next(line for line in out.splitlines() if "Triton kernel warm-up" in line)
+    assert ("stopped: still importing its libraries" in said) or said.endswith("Triton kernel warm-up: no CUDA GPU")
     assert out.index("training begins") < out.index(said)
     assert not list((tmp_path / "tmp").iterdir())  # its files are removed
     # With speed.warm_kernels off the process is stopped once the config is read, without a word.
