@@ -15,22 +15,15 @@ from tuneforge.errors import ConfigError, DataError, ModelError, TuneforgeError
 def train(config, overrides=None, callbacks=None):
     """Train as a config (path, dict or ``Config``) says, then run its post-training steps.
 
-    On a CUDA GPU a process compiles Liger's kernels meanwhile (``speed.warm_kernels``). The
-    recipe trains and writes the run; a LoRA run with ``method.merge: true`` is then merged
+    The recipe trains and writes the run; a LoRA run with ``method.merge: true`` is then merged
     by the infer stage onto a full-precision copy of the base and checked against the adapter.
     Returns the recipe's ``RunResult``.
     """
-    from tuneforge.train.kernel_warmup import start_kernel_warmup
+    from tuneforge.config.loading import load_config
+    from tuneforge.train.recipe import train as run_recipe
 
-    # Started before the imports below, which take longer than compiling Liger's kernels.
-    with start_kernel_warmup(config, overrides) as kernel_warmup:
-        from tuneforge.config.loading import load_config
-        from tuneforge.train.recipe import train as run_recipe
-
-        config = load_config(config, overrides)
-        if not config.speed.warm_kernels:
-            kernel_warmup.close()
-        result = run_recipe(config, callbacks=callbacks, kernel_warmup=kernel_warmup)
+    config = load_config(config, overrides)
+    result = run_recipe(config, callbacks=callbacks)
     if getattr(config.method, "merge", False):
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 

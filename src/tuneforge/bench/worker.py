@@ -66,7 +66,7 @@ def _rows(work: Path, case: Case) -> Any:
 
 def run_tuneforge(case: Case, work: Path, run_dir: Path, callbacks: list[Any], overrides: list[str]) -> None:
     from tuneforge.bench.cases import data_section
-    from tuneforge import train  # the public entry point, which compiles Liger's kernels beside loading
+    from tuneforge import train  # the public entry point: the path `tuneforge train` runs
 
     varlen = case.data == "varlen"
     method: dict[str, Any] = {"name": "full"} if case.method == "full" else {

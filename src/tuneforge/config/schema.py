@@ -655,17 +655,6 @@ class SpeedConfig(Section):
         "(docs/benchmarks.md).",
     )
 
-    warm_kernels: bool = Field(
-        True,
-        description="On a CUDA GPU, compile Liger's Triton kernels in a process of their own while the "
-        "run imports its libraries and loads its data and model, for every class of sequence length the "
-        "run can meet, so that the first steps find them in Triton's cache on a host where it is empty "
-        "(3.5 s of a 25 s 8B run on an H200; docs/benchmarks.md). Started by `tuneforge train` and "
-        "`tuneforge.train()` for Llama, Mistral, Qwen2 and Qwen3 models trained with full, freeze or lora "
-        "on one GPU or DDP. Training never waits for it: a process still running when training begins is "
-        "stopped, and the first steps compile what it has not. The log says what it did.",
-    )
-
     @model_validator(mode="after")
     def _one_of_compile_and_graphs(self) -> SpeedConfig:
         if self.compile is True and self.cuda_graphs:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,6 @@ from transformers import (
     TrainingArguments,
 )
 
-from tuneforge.train.kernel_warmup import KernelWarmup
 from tuneforge.train.layer_graphs import peak_memory_allocated
 
 
@@ -132,19 +130,4 @@ class TrainingProgress(TrainerCallback):
             self.bar = None
 
 
-class StopKernelWarmup(TrainerCallback):
-    """As training begins, stops the process compiling Liger's kernels if it still runs (the steps
-    need the GPU and the CPU; what it compiled is cached) and reports what it did
-    (train/kernel_warmup.py)."""
-
-    def __init__(self, warmup: KernelWarmup, report: Callable[[str], None]) -> None:
-        self.warmup = warmup
-        self.report = report
-
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        line = self.warmup.finish()
-        if line:
-            self.report(line)
-
-
-__all__ = ["MetricsLogger", "StopKernelWarmup", "TrainingProgress", "report_after_metrics"]
+__all__ = ["MetricsLogger", "TrainingProgress", "report_after_metrics"]

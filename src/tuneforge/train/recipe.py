@@ -63,7 +63,6 @@ from tuneforge.plan.estimate import Strategy, matmul_peak_tflops, model_flops_pe
 from tuneforge.plan.planner import check_before_training
 from tuneforge.train.callbacks import (
     MetricsLogger,
-    StopKernelWarmup,
     TrainingProgress,
     report_after_metrics,
 )
@@ -84,7 +83,6 @@ from tuneforge.train.distributed import (
     verify_export,
 )
 from tuneforge.train.eval_callback import EvalTasksCallback
-from tuneforge.train.kernel_warmup import KernelWarmup
 from tuneforge.train.layer_graphs import peak_memory_allocated, reset_peak_memory
 from tuneforge.train.preemption import install_preemption_handlers, raise_if_preempted
 from tuneforge.train.preference import (
@@ -428,7 +426,6 @@ def train(
     config: str | Path | dict[str, Any] | Config,
     overrides: list[str] | None = None,
     callbacks: list[TrainerCallback] | None = None,
-    kernel_warmup: KernelWarmup | None = None,
 ) -> RunResult:
     """Fine-tune as the config says and write the run directory.
 
@@ -436,8 +433,6 @@ def train(
         config: a YAML path, a dict, or a validated `Config`.
         overrides: `section.key=value` strings applied on top.
         callbacks: extra `TrainerCallback`s (tests and integrations).
-        kernel_warmup: the process compiling Liger's kernels, started by `tuneforge.train`
-            before its imports; stopped, if it still runs, as training begins.
     """
     config = load_config(config, overrides)
     preflight(config.model)  # before anything is written or loaded
@@ -496,8 +491,6 @@ def train(
         }
         if config.eval.tasks:
             trainer.add_callback(EvalTasksCallback(trainer, config.eval.tasks, datasets.template))
-        if kernel_warmup is not None:
-            trainer.add_callback(StopKernelWarmup(kernel_warmup, report=_say))
         measured = _fit(trainer, resume, datasets.eval is not None)
 
     model_dir = _save_final(config, trainer, tokenizer, datasets, run_dir, base_dir, model_class)
