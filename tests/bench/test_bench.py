@@ -213,3 +213,41 @@ def test_the_timer_imports_no_training_code_into_the_peers_environments():
     loaded = set(done.stdout.split())
     assert loaded == {"tuneforge", "tuneforge.errors", "tuneforge.train", "tuneforge.bench",
                       "tuneforge.train.layer_graphs", "tuneforge.bench.timing"}
+
+
+def test_the_timer_tiles_the_run_with_steps_and_never_synchronises_inside_one(monkeypatch):
+    """A step runs from its start to the next step's start, so the host's work between two steps
+    (logging, the next batch) is counted in the step before it; the timer synchronises only where
+    training begins and ends, never at a step's edges (that emptied the GPU's queue every step)."""
+    import time
+    from types import SimpleNamespace
+
+    from tuneforge.bench import timing
+
+    syncs = []
+    monkeypatch.setattr(timing, "_sync", lambda: syncs.append(1))
+    timer = timing.StepTimer()
+    state = SimpleNamespace(num_input_tokens_seen=0)
+    timer.on_train_begin(None, state, None)
+    for work, between, tokens in ((0.05, 0.10, 100), (0.05, 0.0, 60)):
+        timer.on_step_begin(None, state, None)
+        time.sleep(work)
+        state.num_input_tokens_seen += tokens
+        timer.on_step_end(None, state, None)
+        time.sleep(between)  # the host's work after a step: the log, the next batch
+    assert syncs == [1]
+    timer.on_train_end(None, state, None)
+    assert syncs == [1, 1]
+    (first, first_tokens), (second, second_tokens) = timer.steps
+    assert (first_tokens, second_tokens) == (100, 60)
+    assert 0.15 <= first < 0.25 and 0.05 <= second < 0.1
+
+
+def test_runs_log_every_ten_steps_and_at_least_twice():
+    """Each log reads the loss on the host (the GPU's queue empties there), so the bench logs as
+    tuneforge does by default, not every step; a short run still logs a first and a last loss."""
+    from tuneforge.bench.worker import logging_steps
+
+    assert logging_steps(CASES["full1b"]) == 10 and logging_steps(CASES["lora8b"]) == 10
+    assert logging_steps(CASES["varlen8b"]) == 10  # whole epochs
+    assert logging_steps(CASES["tiny-lora"]) == CASES["tiny-lora"].steps // 2

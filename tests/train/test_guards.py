@@ -20,6 +20,7 @@ from tuneforge.train.guards import (
     NonFiniteGuard,
     NonFiniteGuardMixin,
     describe_batch,
+    gradient_norm,
     gradients_are_finite,
 )
 from tuneforge.train.trainer import ClipInFusedOptimizerMixin
@@ -122,9 +123,11 @@ def test_more_bad_steps_than_allowed_stop_the_run_naming_step_batch_and_checkpoi
         trainer.train()
     assert isinstance(caught.value, TuneforgeError)
     poisoned = [step for step, bad, _ in recorder.steps if bad]
-    # The first bad step was skipped; the second raised before its update.
-    assert len(poisoned) == 1 and trainer.nonfinite_guard.skipped_steps == poisoned
-    failed = trainer.state.global_step + 1
+    # The first bad step was skipped; the second raised once its verdict was read (at its log),
+    # the fused optimizer having skipped its update on the device.
+    assert len(poisoned) == 2 and trainer.nonfinite_guard.skipped_steps == poisoned[:1]
+    assert not any(changed for step, _, changed in recorder.steps if step in poisoned)
+    failed = poisoned[1]
     message = str(caught.value)
     assert message.startswith(f"step {failed}: non-finite loss (NaN or inf) in batch of 1 x 4 tokens")
     assert f"first row starts [1, 2, 3, {POISON}]" in message
@@ -179,7 +182,7 @@ def test_the_guard_reads_the_clips_norm_instead_of_a_pass_of_its_own(tmp_path, m
     1B step on an H200. Without a clip (`max_grad_norm: 0`) the guard still takes its own."""
     guards = sys.modules[NonFiniteGuard.__module__]
     own_passes = []
-    monkeypatch.setattr(guards, "gradients_are_finite", lambda grads: own_passes.append(1) or gradients_are_finite(grads))
+    monkeypatch.setattr(guards, "gradient_norm", lambda grads: own_passes.append(1) or gradient_norm(grads))
     trainer = make_trainer(tmp_path, rows(set()), 1, [PoisonGradient(at_step=3)], max_grad_norm=max_grad_norm)
     trainer.train()
     assert trainer.nonfinite_guard.skipped_steps == [3]
@@ -244,12 +247,14 @@ def test_ranks_agree_on_the_process_device_when_no_gradient_is_visible(monkeypat
 
     voted_on = []
     guards = sys.modules[NonFiniteGuard.__module__]
-    monkeypatch.setattr(guards, "_any_rank", lambda flag, device: voted_on.append(device) or flag)
-    args = SimpleNamespace(device=torch.device("cuda", 1))  # rank 1's device; nothing is allocated
+    monkeypatch.setattr(guards, "_any_rank_on_device", lambda bad: voted_on.append(bad.device) or torch.zeros(()))
+    # The process's device ("meta" here: allocates nothing, and is neither a gradient's nor the CPU).
+    args = SimpleNamespace(device=torch.device("meta"), output_dir="unused")
     model = nn.Linear(2, 2)  # no backward run: every .grad is None, as under ZeRO
     guard = NonFiniteGuard()
-    guard.on_pre_optimizer_step(args, None, None, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
-    assert voted_on == [torch.device("cuda", 1)]
+    guard.on_pre_optimizer_step(args, SimpleNamespace(global_step=0), None, model=model,
+                                optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    assert voted_on == [torch.device("meta")]
 
 
 def test_a_collators_batch_encoding_is_read_for_the_batch_it_names():
@@ -257,7 +262,61 @@ def test_a_collators_batch_encoding_is_read_for_the_batch_it_names():
     input_ids" from it and its error could not show the offending batch."""
     from transformers import BatchEncoding
 
+    from types import SimpleNamespace
+
     guard = NonFiniteGuard()
     ids = torch.tensor([[POISON, 1, 2]])
-    assert guard.observe(torch.tensor(float("nan")), BatchEncoding({"input_ids": ids})) is False
-    assert guard._bad_loss_batch is ids
+    assert not guard.observe(torch.tensor(float("nan")), BatchEncoding({"input_ids": ids}))
+    model = nn.Linear(2, 2)
+    with pytest.raises(NonFiniteError, match=rf"^step 1: non-finite loss .* first row starts \[{POISON}, 1, 2\]"):
+        guard.on_pre_optimizer_step(SimpleNamespace(device=torch.device("cpu"), output_dir="none"), SimpleNamespace(global_step=0),
+                                    None, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+class LossRecorder(TrainerCallback):
+    """Per step: the skips the guard had counted by the step's end, and the Trainer's NaN filter then."""
+
+    def __init__(self, trainer_box: list) -> None:
+        self.trainer_box = trainer_box
+        self.skipped_at_step_end: list[list[int]] = []
+        self.filter_while_training: set[bool] = set()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.skipped_at_step_end.append(list(self.trainer_box[0].nonfinite_guard.skipped_steps))
+        self.filter_while_training.add(args.logging_nan_inf_filter)
+
+
+def test_the_fused_optimizer_skips_a_bad_step_itself_and_the_verdict_is_read_a_step_later(tmp_path):
+    """No host read of the verdict inside the step: the fused AdamW gets it as `found_inf` and
+    skips the update on the device; the guard counts the skip when it reads the verdict, at the
+    next step (or a log, or the end). The Trainer's own NaN filter, a host read of every
+    micro-batch loss, is off while training and back afterwards."""
+    box: list = []
+    steps = LossRecorder(box)
+    weights = WeightRecorder()
+    trainer = make_trainer(tmp_path, rows({2}), 1, [weights, steps], logging_steps=100, data_seed=0,
+                           max_steps=6)
+    box.append(trainer)
+    losses: list[float] = []
+    trainer.model.register_forward_hook(lambda module, args, output: losses.append(float(output["loss"].detach())))
+    trainer.train()
+    bad = next(step for step, poisoned, _ in weights.steps if poisoned)
+    assert trainer.nonfinite_guard.skipped_steps == [bad]
+    # Counted at the next step's optimizer step, not at the bad step's own end.
+    assert steps.skipped_at_step_end[bad - 1] == [] and steps.skipped_at_step_end[bad] == [bad]
+    assert [changed for _, _, changed in weights.steps] == [step != bad for step in range(1, 7)]
+    assert {int(s["step"]) for s in trainer.optimizer.state.values()} == {5}  # the skip left the step count
+    assert steps.filter_while_training == {False} and trainer.args.logging_nan_inf_filter is True
+    assert sum(not math.isfinite(loss) for loss in losses) == 1
+
+
+def test_the_logged_loss_averages_the_finite_micro_batches(tmp_path):
+    trainer = make_trainer(tmp_path, rows({1}, count=4), 1, logging_steps=2, max_steps=4)
+    losses: list[float] = []
+    trainer.model.register_forward_hook(lambda module, args, output: losses.append(float(output["loss"].detach())))
+    trainer.train()
+    logged = [m["loss"] for m in metrics(tmp_path) if "loss" in m]
+    pairs = [losses[0:2], losses[2:4]]
+    expected = [sum(v for v in pair if math.isfinite(v)) / sum(math.isfinite(v) for v in pair) for pair in pairs]
+    assert sum(not math.isfinite(v) for v in losses) == 1
+    assert logged == pytest.approx(expected, rel=1e-3)

@@ -188,3 +188,15 @@ def test_one_process_on_several_gpus_trains_on_the_first_without_data_parallel(t
     args._n_gpu = 1
     assert one_gpu_per_process(args).n_gpu == 1
     assert capsys.readouterr().out == ""
+
+
+def test_batches_go_to_the_device_without_waiting_for_it(tmp_path, tiny_model_dir):
+    """A blocking copy of a pinned batch to the GPU waits for every kernel queued before it, so the
+    recipe asks accelerate for non-blocking copies; a user's own `accelerator_config` still wins."""
+    from tuneforge.config.loading import load_config
+    from tuneforge.train.recipe import _build_training_arguments
+
+    args = _build_training_arguments(load_config(config(tmp_path / "a", tiny_model_dir)), tmp_path / "a" / "run")
+    assert args.accelerator_config.non_blocking is True
+    mine = config(tmp_path / "b", tiny_model_dir, accelerator_config={"non_blocking": False})
+    assert _build_training_arguments(load_config(mine), tmp_path / "b" / "run").accelerator_config.non_blocking is False

@@ -522,7 +522,8 @@ def test_the_clip_inside_the_fused_optimizer_gives_clip_grad_norm_s_steps(tmp_pa
     instead of a pass of `clip_grad_norm_` that reads and writes every gradient: the same losses,
     logged norms and weights, and no such pass. On a GPU in bf16, where the plain clip rounds the
     scaled gradients to bf16 and the fused one does not: equal within bf16's precision."""
-    from tuneforge.train.trainer import ClipInFusedOptimizerMixin, clips_in_optimizer
+    from tuneforge.train.guards import fused_optimizer
+    from tuneforge.train.trainer import ClipInFusedOptimizerMixin
 
     class ClipsInOptimizer(ClipInFusedOptimizerMixin, Trainer):
         pass
@@ -543,7 +544,7 @@ def test_the_clip_inside_the_fused_optimizer_gives_clip_grad_norm_s_steps(tmp_pa
         trainer.train()
         logged = [(entry["loss"], entry["grad_norm"]) for entry in trainer.state.log_history if "grad_norm" in entry]
         results[trainer_class] = (logged, len(scaling_passes), {k: v.detach().clone() for k, v in model.named_parameters()})
-        assert clips_in_optimizer(trainer.optimizer.optimizer)  # transformers' default optimizer is fused AdamW
+        assert fused_optimizer(trainer.optimizer.optimizer)  # transformers' default optimizer is fused AdamW
     plain_logged, plain_passes, plain_weights = results[Trainer]
     fused_logged, fused_passes, fused_weights = results[ClipsInOptimizer]
     assert plain_passes == 6 and fused_passes == 0

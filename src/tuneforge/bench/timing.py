@@ -1,7 +1,10 @@
 """One timer for every system in a benchmark: a `TrainerCallback`, so tuneforge, plain Hugging Face,
 TRL and Unsloth (all of which train through `transformers.Trainer`) are measured the same way.
 
-Each optimizer step is timed between CUDA synchronisations; its tokens are the change of
+Each optimizer step is timed on the GPU, by CUDA events recorded as it begins and read once
+training has ended: a step runs from its start on the GPU to the next step's start (the last one
+to its end), so the steps tile the GPU's timeline, the host's work between them included, and the
+timer adds no synchronisation that a user's run would not have. Its tokens are the change of
 `state.num_input_tokens_seen`, which the Trainer counts without padding
 (`include_num_input_tokens_seen="non_padding"`). This module imports only torch, transformers and
 `train/layer_graphs` (torch alone at import, for the graph pool's memory): it runs inside peer
@@ -29,13 +32,34 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _mark() -> torch.cuda.Event | float:
+    """A point in the GPU's queue (a CUDA event), or the host's clock without a GPU."""
+    if not torch.cuda.is_available():
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def _seconds(start: torch.cuda.Event | float, end: torch.cuda.Event | float) -> float:
+    if isinstance(start, float) and isinstance(end, float):
+        return end - start
+    return start.elapsed_time(end) / 1000  # type: ignore[union-attr,arg-type]
+
+
 class StepTimer(TrainerCallback):
-    """Records (seconds, tokens, loss) per optimizer step and the run's peak GPU memory."""
+    """Records (seconds, tokens, loss) per optimizer step and the run's peak GPU memory.
+
+    A timer that synchronised at each step's start and end (this one until 2026-12-01) emptied the
+    GPU's queue there: a system whose host launches the next step while the GPU still runs the last
+    one lost that lead in every timed step, as no real run does."""
 
     def __init__(self) -> None:
-        self.steps: list[tuple[float, int]] = []
+        self.steps: list[tuple[float, int]] = []  # filled when training ends
         self.losses: list[float] = []
-        self._started = 0.0
+        self._starts: list[torch.cuda.Event | float] = []
+        self._end: torch.cuda.Event | float | None = None
+        self._tokens: list[int] = []
         self._tokens_before = 0
         self._train_started = 0.0
         self.train_seconds = 0.0
@@ -47,13 +71,12 @@ class StepTimer(TrainerCallback):
         self._train_started = time.perf_counter()
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        _sync()
-        self._started = time.perf_counter()
+        self._starts.append(_mark())
         self._tokens_before = state.num_input_tokens_seen
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        _sync()
-        self.steps.append((time.perf_counter() - self._started, state.num_input_tokens_seen - self._tokens_before))
+        self._end = _mark()
+        self._tokens.append(state.num_input_tokens_seen - self._tokens_before)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         if logs and "loss" in logs:
@@ -62,6 +85,8 @@ class StepTimer(TrainerCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         _sync()
         self.train_seconds = time.perf_counter() - self._train_started
+        bounds = [*self._starts[: len(self._tokens)], self._end]
+        self.steps = [(_seconds(start, end), tokens) for start, end, tokens in zip(bounds, bounds[1:], self._tokens)]
 
     def result(self, warmup: int, left_out: tuple[int, float] | None = None) -> dict[str, Any]:
         """Median tokens/s of the steps after `warmup`, whole-run tokens/s, peak memory, losses.

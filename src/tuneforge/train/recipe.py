@@ -135,6 +135,9 @@ def _build_training_arguments(config: Config, run_dir: Path) -> transformers.Tra
     else:
         # Count real (non-padding) tokens so throughput is honest.
         runtime = {"include_num_input_tokens_seen": "non_padding"}
+    # Batches are pinned (dataloader_pin_memory); a blocking copy to the GPU would wait for every
+    # kernel queued before it, leaving the GPU without work while the host starts the step.
+    runtime["accelerator_config"] = {"non_blocking": True}
     runtime.update(engine_arguments(config.distributed, Ranks.from_env().world_size))
     try:
         args = to_training_arguments(config.train, str(run_dir), disable_tqdm=True, **runtime)

@@ -10,20 +10,16 @@ when it is silently off, experts collapse). It is logged as `aux_loss` so a run 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedType
 from transformers import Trainer
 
 from tuneforge.train.checkpoints import AtomicCheckpointMixin
-from tuneforge.train.guards import NonFiniteGuardMixin
+from tuneforge.train.deferred import DeferredValue
+from tuneforge.train.guards import ONE_PROCESS_OR_DDP, NonFiniteGuardMixin, fused_optimizer
 from tuneforge.train.spike import LossSpikeGuardMixin
-
-
-# One process or DDP: the parameters stay the same objects once prepared, and their gradients are
-# whole (reduced across ranks by the time the clip runs). Sharding engines (FSDP, DeepSpeed) hold neither.
-ONE_PROCESS_OR_DDP = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
 
 
 class FlopsPerTokenOnceMixin:
@@ -106,10 +102,47 @@ class ModuleWalksOnceMixin:
                 self._module_walks = None
 
 
-def clips_in_optimizer(optimizer: Any) -> bool:
-    """Whether `optimizer` divides each gradient by its `grad_scale` tensor as it reads it: torch's
-    fused Adam, AdamW and SGD, which AMP's gradient scaler drives that way."""
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False) and getattr(optimizer, "defaults", {}).get("fused"))
+class TokensCountedAheadMixin:
+    """The Trainer counts each micro-batch's tokens after its backward (`_track_num_input_tokens`)
+    and reads the count on the host, which waits for the backward to end; the GPU then has no work
+    until the host has launched the next kernels. Here the same count (all or non-padding tokens,
+    summed over processes) is queued before the forward and copied to host memory as soon as it is
+    computed, so reading it after the backward waits for that copy only. Put it before `Trainer`
+    in the bases."""
+
+    _tokens_ahead: DeferredValue | None = None
+
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        self._tokens_ahead = self._count_tokens(inputs)
+        return super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc]
+
+    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+        counted, self._tokens_ahead = self._tokens_ahead, None
+        if counted is None:
+            return super()._track_num_input_tokens(inputs)  # type: ignore[misc]
+        self.state.num_input_tokens_seen += int(counted.get())  # type: ignore[attr-defined]
+
+    def _count_tokens(self, inputs: dict[str, Any]) -> DeferredValue | None:
+        """The micro-batch's count as the Trainer takes it; None where the Trainer's own count runs
+        (it warns when it cannot count)."""
+        args = self.args  # type: ignore[attr-defined]
+        name = getattr(self.model, "main_input_name", "input_ids")  # type: ignore[attr-defined]
+        if args.include_num_input_tokens_seen == "no" or not isinstance(inputs, Mapping) or name not in inputs:
+            return None
+        count: torch.Tensor | int
+        if args.include_num_input_tokens_seen != "non_padding":
+            count = inputs[name].numel()
+        elif "attention_mask" in inputs:
+            count = inputs["attention_mask"].sum()
+        elif getattr(self.processing_class, "pad_token_id", None) is not None:  # type: ignore[attr-defined]
+            count = (inputs[name] != self.processing_class.pad_token_id).sum()  # type: ignore[attr-defined]
+        else:
+            return None
+        if args.world_size > 1:
+            # A fill, not `torch.tensor(count, device=...)`: a copy from host memory waits for the GPU.
+            local = count if isinstance(count, torch.Tensor) else torch.full((), count, dtype=torch.int64, device=args.device)
+            count = self.accelerator.reduce(local.to(torch.int64), reduction="sum")  # type: ignore[attr-defined]
+        return DeferredValue.of(count)
 
 
 class ClipInFusedOptimizerMixin:
@@ -125,7 +158,7 @@ class ClipInFusedOptimizerMixin:
     def _clip_grad_norm(self, model: Any) -> Any:
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # type: ignore[attr-defined]
         accelerator = self.accelerator  # type: ignore[attr-defined]
-        if not (clips_in_optimizer(optimizer) and accelerator.scaler is None and accelerator.distributed_type in ONE_PROCESS_OR_DDP):
+        if not (fused_optimizer(optimizer) and accelerator.scaler is None and accelerator.distributed_type in ONE_PROCESS_OR_DDP):
             return super()._clip_grad_norm(model)  # type: ignore[misc]
         gradients = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(gradients)
@@ -133,7 +166,7 @@ class ClipInFusedOptimizerMixin:
         return norm
 
 
-class TuneforgeTrainer(NonFiniteGuardMixin, ClipInFusedOptimizerMixin, ModuleWalksOnceMixin, FlopsPerTokenOnceMixin, LossSpikeGuardMixin, AtomicCheckpointMixin, Trainer):
+class TuneforgeTrainer(NonFiniteGuardMixin, ClipInFusedOptimizerMixin, ModuleWalksOnceMixin, TokensCountedAheadMixin, FlopsPerTokenOnceMixin, LossSpikeGuardMixin, AtomicCheckpointMixin, Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # Summed on the device and read only when logging: no host sync per step.
@@ -160,4 +193,4 @@ class TuneforgeTrainer(NonFiniteGuardMixin, ClipInFusedOptimizerMixin, ModuleWal
         super().log(logs, *args, **kwargs)
 
 
-__all__ = ["ClipInFusedOptimizerMixin", "FlopsPerTokenOnceMixin", "ModuleWalksOnceMixin", "TuneforgeTrainer", "clips_in_optimizer"]
+__all__ = ["ClipInFusedOptimizerMixin", "FlopsPerTokenOnceMixin", "ModuleWalksOnceMixin", "TokensCountedAheadMixin", "TuneforgeTrainer"]
