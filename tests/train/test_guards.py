@@ -116,24 +116,28 @@ def test_a_nan_loss_skips_its_step_and_training_goes_on(tmp_path, nan_filter):
     assert [m.get("skipped_steps", 0) for m in logged if "loss" in m][-1] == 2
 
 
-def test_more_bad_steps_than_allowed_stop_the_run_naming_step_batch_and_checkpoint(tmp_path):
+@pytest.mark.parametrize("logging_steps", [1, 100])
+def test_more_bad_steps_than_allowed_stop_the_run_naming_step_batch_and_checkpoint(tmp_path, logging_steps):
     recorder = WeightRecorder()
-    trainer = make_trainer(tmp_path, rows({1, 3, 6}), 1, [recorder], save_strategy="steps", save_steps=1)
+    trainer = make_trainer(tmp_path, rows({1, 3, 6}), 1, [recorder], save_strategy="steps", save_steps=1,
+                           logging_steps=logging_steps)
     with pytest.raises(NonFiniteError) as caught:
         trainer.train()
     assert isinstance(caught.value, TuneforgeError)
     poisoned = [step for step, bad, _ in recorder.steps if bad]
-    # The first bad step was skipped; the second raised once its verdict was read (at its log),
-    # the fused optimizer having skipped its update on the device.
+    # The first bad step was skipped; the second raised once its verdict was read (at its log, or
+    # before the next step's update), the fused optimizer having skipped its update on the device.
     assert len(poisoned) == 2 and trainer.nonfinite_guard.skipped_steps == poisoned[:1]
     assert not any(changed for step, _, changed in recorder.steps if step in poisoned)
     failed = poisoned[1]
+    # Read at its log: before its checkpoint; read at the next step: after it (good weights too).
+    saved_last = failed - 1 if logging_steps == 1 else failed
     message = str(caught.value)
     assert message.startswith(f"step {failed}: non-finite loss (NaN or inf) in batch of 1 x 4 tokens")
     assert f"first row starts [1, 2, 3, {POISON}]" in message
     assert f"steps: {poisoned[0]}" in message and "1 allowed" in message
     kept = Path(find_good_checkpoint(tmp_path / "run") or "")
-    assert kept.name == f"checkpoint-{failed - 1}"
+    assert kept.name == f"checkpoint-{saved_last}"
     assert str(kept) in message
     # The kept checkpoint's weights are finite and equal the live ones (the failed step changed nothing).
     from safetensors.torch import load_file
@@ -141,7 +145,8 @@ def test_more_bad_steps_than_allowed_stop_the_run_naming_step_batch_and_checkpoi
     saved = load_file(str(kept / "model.safetensors"))
     for name, param in trainer.model.named_parameters():
         assert torch.equal(saved[name], param.detach())
-    assert all(math.isfinite(m["loss"]) for m in metrics(tmp_path) if "loss" in m)
+    if logging_steps == 1:
+        assert all(math.isfinite(m["loss"]) for m in metrics(tmp_path) if "loss" in m)
 
 
 def test_zero_allowed_stops_at_the_first_bad_step(tmp_path):

@@ -35,13 +35,13 @@ WARMUP_STEPS = 3
 # Losses are logged every 10 steps, as tuneforge logs by default: a log reads the loss on the
 # host, which empties the GPU's queue; a run that logged every step would pay that each step.
 LOGGING_STEPS = 10
+LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def logging_steps(case: Case) -> int:
     """Every `LOGGING_STEPS` steps, and at least twice in a run of fixed steps."""
     return max(1, min(LOGGING_STEPS, case.steps // 2)) if case.steps else LOGGING_STEPS
-LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0}
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _schedule(case: Case) -> dict[str, Any]:

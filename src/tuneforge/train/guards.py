@@ -205,7 +205,7 @@ class NonFiniteGuard(TrainerCallback):
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self.settle()  # the step before: read before this one's update, so an error comes first
+        self.settle(args)  # the step before: read before this one's update, so an error comes first
         model, optimizer = kwargs.get("model"), kwargs.get("optimizer")
         inner = getattr(optimizer, "optimizer", optimizer)
         step = state.global_step + 1

@@ -1,8 +1,8 @@
 """tuneforge's `Trainer`: the Hugging Face one, with atomic checkpoints (`checkpoints.py`),
 skipped non-finite steps (`guards.py`), rollback after a loss spike (`spike.py`), logging
 of the losses a model adds itself, less host work a step (the FLOP count and the module
-walks done once: a LoRA step is partly bound by the host) and the gradient clip applied by
-torch's fused optimizers as they read the gradients.
+walks done once: a LoRA step is partly bound by the host), token counts read without waiting
+for the GPU, and the gradient clip applied by torch's fused optimizers as they read the gradients.
 
 MoE models add the router load-balancing loss to the language-modelling loss (PITFALLS 10:
 when it is silently off, experts collapse). It is logged as `aux_loss` so a run shows it.
