@@ -24,7 +24,9 @@ before (by default: terminate now); atomic checkpoints make that safe.
 
 With several processes, every rank's flag is combined at each step end (one all-reduce of a
 single integer), so all ranks stop and save at the same step even if the signal reached
-only some of them.
+only some of them. A step end's vote is read at the next step end, from a copy the GPU made
+as soon as the all-reduce ended: read at once, it would wait for the whole step's kernels and
+leave the GPU without work at every step. So several processes stop one step after the signal.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from tuneforge.train.deferred import DeferredValue
 
 PREEMPTED_EXIT_CODE = 0
 PREEMPTION_SIGNALS: tuple[signal.Signals, ...] = tuple(
@@ -78,6 +82,7 @@ class PreemptionCallback(TrainerCallback):
         self.signal_number: int | None = None
         self.stopped_at: int | None = None
         self.checkpoint: str | None = None
+        self._vote: DeferredValue | None = None  # the ranks' vote at the last step end, not yet read
 
     def request(self, signal_number: int) -> None:
         self.signal_number = signal_number
@@ -87,7 +92,7 @@ class PreemptionCallback(TrainerCallback):
         return signal.Signals(self.signal_number).name if self.signal_number is not None else "request"
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if self.stopped_at is not None or not _on_any_rank(self.signal_number is not None, args):
+        if self.stopped_at is not None or not self._stop_now(args):
             return
         if state.global_step >= state.max_steps:
             return  # the last step: the run finishes normally
@@ -109,15 +114,19 @@ class PreemptionCallback(TrainerCallback):
             control.should_save = control.should_evaluate = False
 
 
-def _on_any_rank(flag: bool, args: TrainingArguments) -> bool:
-    """Whether any process has the flag; all ranks call this at every step end."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return flag
-    if torch.distributed.get_world_size() == 1:
-        return flag
-    value = torch.tensor([int(flag)], device=args.device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())
+    def _stop_now(self, args: TrainingArguments) -> bool:
+        """One process: whether it was signalled. Several: whether any rank was, by the vote of the
+        previous step end (every rank reads the same vote at the same step); this step end's vote
+        is queued. All ranks call this at every step end."""
+        flag = self.signal_number is not None
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
+            return flag
+        previous, self._vote = self._vote, None
+        # A fill, not `torch.tensor([flag], device=...)`: a copy from host memory waits for the GPU.
+        vote = torch.full((1,), int(flag), device=args.device)
+        torch.distributed.all_reduce(vote, op=torch.distributed.ReduceOp.MAX)
+        self._vote = DeferredValue.of(vote)
+        return previous is not None and bool(previous.get().item())
 
 
 @contextmanager
