@@ -278,7 +278,7 @@ def test_a_collators_batch_encoding_is_read_for_the_batch_it_names():
                                     None, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
 
 
-class LossRecorder(TrainerCallback):
+class StepEndRecorder(TrainerCallback):
     """Per step: the skips the guard had counted by the step's end, and the Trainer's NaN filter then."""
 
     def __init__(self, trainer_box: list) -> None:
@@ -297,7 +297,7 @@ def test_the_fused_optimizer_skips_a_bad_step_itself_and_the_verdict_is_read_a_s
     next step (or a log, or the end). The Trainer's own NaN filter, a host read of every
     micro-batch loss, is off while training and back afterwards."""
     box: list = []
-    steps = LossRecorder(box)
+    steps = StepEndRecorder(box)
     weights = WeightRecorder()
     trainer = make_trainer(tmp_path, rows({2}), 1, [weights, steps], logging_steps=100, data_seed=0,
                            max_steps=6)
