@@ -21,7 +21,6 @@ from tuneforge.train.guards import (
     NonFiniteGuardMixin,
     describe_batch,
     gradient_norm,
-    gradients_are_finite,
 )
 from tuneforge.train.trainer import ClipInFusedOptimizerMixin
 
@@ -230,16 +229,19 @@ def test_gradient_accumulation_skips_the_whole_step(tmp_path):
     assert [changed for _, _, changed in recorder.steps] == [True, False, True, True]
 
 
-def test_describe_batch_and_gradients_are_finite(tokenizer):
+def test_describe_batch_and_the_gradient_norm_finds_non_finite_entries(tokenizer):
     ids = torch.tensor(tokenizer("### Question:\nafter 3")["input_ids"]).unsqueeze(0)
     text = describe_batch(ids, tokenizer, shown=4)
     first = ", ".join(map(str, ids[0, :4].tolist()))
     assert text.startswith(f"batch of 1 x {ids.shape[1]} tokens, first row starts [{first}, ...] ('<s>###")
     assert describe_batch(None) == "batch (no input_ids)"
-    assert gradients_are_finite([torch.ones(3), torch.zeros(2, 2)])
-    assert not gradients_are_finite([torch.ones(3), torch.tensor([0.0, float("inf")])])
-    assert not gradients_are_finite([torch.tensor([float("nan")])])
-    assert gradients_are_finite([])
+    def finite(gradients):
+        return bool(torch.isfinite(gradient_norm(gradients)))
+
+    assert finite([torch.ones(3), torch.zeros(2, 2)])
+    assert not finite([torch.ones(3), torch.tensor([0.0, float("inf")])])
+    assert not finite([torch.tensor([float("nan")])])
+    assert finite([])
     with pytest.raises(ValueError):
         NonFiniteGuard(-1)
 

@@ -93,11 +93,6 @@ def gradient_norm(gradients: list[torch.Tensor]) -> torch.Tensor:
     return torch.nn.utils.get_total_norm([g.detach() for g in gradients])
 
 
-def gradients_are_finite(gradients: list[torch.Tensor]) -> bool:
-    """Whether every gradient entry is finite (one host sync for all tensors)."""
-    return bool(torch.isfinite(gradient_norm(gradients)))
-
-
 def fused_optimizer(optimizer: Any) -> bool:
     """Whether `optimizer` reads AMP's inputs inside its own kernel: it divides each gradient by its
     `grad_scale` tensor and skips the step when its `found_inf` tensor is 1, with no host read.
@@ -361,5 +356,4 @@ __all__ = [
     "describe_batch",
     "fused_optimizer",
     "gradient_norm",
-    "gradients_are_finite",
     ]
